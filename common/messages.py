@@ -1,0 +1,131 @@
+"""The messages the sender and the consumers exchange through RabbitMQ, and where they go.
+
+- Grant request: the sender publishes `GrantRequest` on the model's priority queue
+  (`model_queue(model)`), with the AMQP properties `priority`, `correlation_id`, `reply_to`
+  (the sender's reply address) and `expiration` (milliseconds left before the sender gives up).
+- Grant: the consumer answers with `Grant` to `reply_to`, with the same `correlation_id`.
+- Release: when the response has ended (or failed, or the client left), the sender publishes
+  `Release` to the consumer's own queue, named in the grant (`release_to`).
+- Announcement: each consumer publishes `Announcement` on the fanout exchange
+  `ANNOUNCE_EXCHANGE` every `ANNOUNCE_INTERVAL_S`; senders list a model while an announcement
+  for it is younger than `ttl_s`, and drop it at once on an announcement with `alive=False`.
+
+Bodies are JSON (orjson encodes the dataclasses directly). Decoders raise `MessageError`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+MODEL_QUEUE_PREFIX = "dispatcher.model."
+ANNOUNCE_EXCHANGE = "dispatcher.models"
+ANNOUNCE_INTERVAL_S = 2.0
+ANNOUNCE_TTL_S = 10.0
+
+# AMQP short strings are 255 bytes at most, and pamqp checks queue names against this pattern
+# before sending; a model id that cannot name a queue cannot be served.
+_QUEUE_NAME = re.compile(r"^[a-zA-Z0-9\-_.:@#,/+ ]*$")
+_MAX_QUEUE_NAME_BYTES = 255
+
+
+class MessageError(ValueError):
+    """A message body that does not decode into the expected message."""
+
+
+def model_queue(model: str) -> str:
+    """The name of the priority queue where requests for `model` wait."""
+    return MODEL_QUEUE_PREFIX + model
+
+
+def is_valid_model_id(model: str) -> bool:
+    name = model_queue(model)
+    return bool(model) and len(name.encode()) <= _MAX_QUEUE_NAME_BYTES and _QUEUE_NAME.match(name) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class GrantRequest:
+    priority: int
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    lease: str                 # the consumer's id of this slot; the release names it
+    url: str                   # base URL of the vLLM server, e.g. "http://10.0.0.5:8000"
+    api_key: str | None        # sent to vLLM as "Authorization: Bearer <api_key>" when set
+    release_to: str            # routing key (queue) of the consumer's releases
+    vllm_priority: int | None  # when set, the sender adds "X-Vllm-Priority: <value>"
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    lease: str
+
+
+@dataclass(frozen=True, slots=True)
+class Announcement:
+    model: str
+    consumer: str              # the consumer's id (one model may have several consumers)
+    card: dict[str, Any]       # the model's entry as vLLM gives it in /v1/models
+    alive: bool = True
+    ttl_s: float = ANNOUNCE_TTL_S
+
+
+def encode(message: GrantRequest | Grant | Release | Announcement) -> bytes:
+    return orjson.dumps(message)
+
+
+def _fields(body: bytes) -> dict[str, Any]:
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MessageError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise MessageError("not a JSON object")
+    return value
+
+
+def _typed(fields: dict[str, Any], name: str, kind: type | tuple[type, ...], *, optional: bool = False) -> Any:
+    value = fields.get(name)
+    if value is None and optional:
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise MessageError(f"field {name!r} is missing or has the wrong type")
+    return value
+
+
+def decode_grant_request(body: bytes) -> GrantRequest:
+    return GrantRequest(priority=_typed(_fields(body), "priority", int))
+
+
+def decode_grant(body: bytes) -> Grant:
+    f = _fields(body)
+    return Grant(
+        lease=_typed(f, "lease", str),
+        url=_typed(f, "url", str),
+        api_key=_typed(f, "api_key", str, optional=True),
+        release_to=_typed(f, "release_to", str),
+        vllm_priority=_typed(f, "vllm_priority", int, optional=True),
+    )
+
+
+def decode_release(body: bytes) -> Release:
+    return Release(lease=_typed(_fields(body), "lease", str))
+
+
+def decode_announcement(body: bytes) -> Announcement:
+    f = _fields(body)
+    alive = f.get("alive", True)
+    if not isinstance(alive, bool):
+        raise MessageError("field 'alive' has the wrong type")
+    ttl_s = _typed(f, "ttl_s", (int, float), optional=True)
+    return Announcement(
+        model=_typed(f, "model", str),
+        consumer=_typed(f, "consumer", str),
+        card=_typed(f, "card", dict),
+        alive=alive,
+        ttl_s=float(ttl_s) if ttl_s is not None else ANNOUNCE_TTL_S,
+    )

@@ -1,0 +1,108 @@
+"""Small helpers shared by the test suites: free ports, polling with a deadline, raw HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import h11
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float = 10.0, interval_s: float = 0.05,
+               what: str = "condition") -> Any:
+    """Polls `predicate` until it returns a truthy value; fails the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except Exception as exc:  # a service still starting refuses connections
+            last_error = exc
+            value = None
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last error: {last_error!r})")
+
+
+async def async_wait_until(predicate: Callable[[], Awaitable[Any] | Any], timeout_s: float = 10.0,
+                           interval_s: float = 0.02, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        await asyncio.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+class RawClient:
+    """An HTTP/1.1 client on one TCP connection, built on h11, for tests of connection behaviour."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.h11 = h11.Connection(h11.CLIENT)
+
+    @classmethod
+    async def connect(cls, port: int) -> RawClient:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def request(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes = b"",
+                      timeout_s: float = 10.0) -> tuple[h11.Response, bytes]:
+        headers = [("host", "test"), *headers]
+        if body and not any(k.lower() in ("content-length", "transfer-encoding") for k, _ in headers):
+            headers.append(("content-length", str(len(body))))
+        data = self.h11.send(h11.Request(method=method, target=target, headers=headers))
+        if body:
+            data += self.h11.send(h11.Data(data=body))
+        data += self.h11.send(h11.EndOfMessage())
+        self.writer.write(data)
+        await self.writer.drain()
+        return await self.read_response(timeout_s)
+
+    async def read_response(self, timeout_s: float = 10.0) -> tuple[h11.Response, bytes]:
+        response = None
+        body = bytearray()
+        async with asyncio.timeout(timeout_s):
+            while True:
+                event = self.h11.next_event()
+                if event is h11.NEED_DATA:
+                    self.h11.receive_data(await self.reader.read(65536))
+                elif isinstance(event, h11.Response):
+                    response = event
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    assert response is not None
+                    if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+                        self.h11.start_next_cycle()
+                    return response, bytes(body)
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise ConnectionError("server closed the connection")
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except ConnectionError:
+            pass
+
+
+def header(response: h11.Response, name: str) -> str | None:
+    for key, value in response.headers:
+        if key == name.lower().encode():
+            return value.decode()
+    return None

@@ -1,0 +1,112 @@
+"""The real sender, in-process on port 0, in front of an upstream the test controls.
+
+The capacity layer is replaced by `GrantAtOnce`, which grants every request immediately and
+records releases: these tests are about the HTTP proxy (streaming, keep-alive, limits,
+failures). The broker path is tested in tests/integration against the real RabbitMQ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import prometheus_client as prom
+import pytest
+
+import sender
+from common.messages import Grant
+
+TOKENS = {
+    "sk-high": sender.TokenInfo("high", 9, 100),
+    "sk-low": sender.TokenInfo("low", 1, 0),
+}
+MODEL = "proxy-model"
+
+
+class GrantAtOnce:
+    """Stands in for `sender.CapacityClient`: every request is granted at once, to `url`."""
+
+    def __init__(self, url: str, *, api_key: str | None = None, vllm_priority: int | None = None) -> None:
+        self.url = url
+        self.api_key = api_key
+        self.vllm_priority = vllm_priority
+        self.granted: list[tuple[str, int]] = []
+        self.released: list[str] = []
+        self.queue_lengths: dict[str, int] = {}
+
+    def is_ready(self) -> bool:
+        return True
+
+    def is_live(self, model: str) -> bool:
+        return model == MODEL
+
+    def live_models(self) -> dict[str, dict[str, Any]]:
+        return {MODEL: {"id": MODEL, "object": "model"}}
+
+    def queue_length(self, model: str) -> int:
+        return self.queue_lengths.get(model, 0)
+
+    async def acquire_grant(self, model: str, priority: int, deadline: float) -> Grant:
+        lease = f"lease-{len(self.granted)}"
+        self.granted.append((model, priority))
+        return Grant(lease=lease, url=self.url, api_key=self.api_key, release_to="none",
+                     vllm_priority=self.vllm_priority)
+
+    def release_soon(self, grant: Grant) -> None:
+        self.released.append(grant.lease)
+
+
+def make_config(**overrides: Any) -> sender.Config:
+    config = sender.Config.from_env({"TOKENS_FILE": "unused.yaml"})
+    return dataclasses.replace(config, **overrides)
+
+
+def make_tokens() -> sender.TokenStore:
+    import hashlib
+
+    by_digest = {hashlib.sha256(token.encode()).hexdigest(): info for token, info in TOKENS.items()}
+
+    async def lookup(digest: str) -> sender.TokenInfo | None:
+        return by_digest.get(digest)
+
+    async def ping() -> None:
+        return None
+
+    return sender.TokenStore(lookup, ping, cache_s=30)
+
+
+@dataclasses.dataclass
+class Proxy:
+    port: int
+    capacity: GrantAtOnce
+    server: sender.Server
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+async def start_proxy() -> AsyncIterator[Callable[..., Any]]:
+    """Returns `start(upstream_url, **config_overrides) -> Proxy`; everything is shut down after the test."""
+    started: list[tuple[sender.Server, sender.UpstreamPool]] = []
+
+    async def start(upstream_url: str, *, api_key: str | None = None, vllm_priority: int | None = None,
+                    **overrides: Any) -> Proxy:
+        capacity = GrantAtOnce(upstream_url, api_key=api_key, vllm_priority=vllm_priority)
+        pool = sender.UpstreamPool()
+        service = sender.Service(make_config(**overrides), make_tokens(), capacity,  # type: ignore[arg-type]
+                                 pool, sender.Metrics.create(prom.CollectorRegistry()))
+        server = await sender.start_server(service, "127.0.0.1", 0)
+        started.append((server, pool))
+        return Proxy(server.port, capacity, server)
+
+    yield start
+    for server, pool in started:
+        server.server.close()
+        for task in list(server.connections):
+            task.cancel()
+        await asyncio.gather(*server.connections, return_exceptions=True)
+        pool.close()
