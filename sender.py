@@ -876,8 +876,18 @@ def check_threshold(capacity: CapacityClient, model: str, token: TokenInfo) -> N
                        code="queue_full", retry_after_s=RETRY_AFTER_QUEUE_FULL_S)
 
 
+def listed_in_connection(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Header names that `Connection` declares hop-by-hop for this message (RFC 9110 §7.6.1)."""
+    names: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            names.update(token.strip().lower() for token in value.split(b","))
+    return frozenset(names)
+
+
 def upstream_request(request: Request, body: bytes, origin: Origin, grant: Grant) -> h11.Request:
-    headers = [(name, value) for name, value in request.headers if name not in DROPPED_REQUEST_HEADERS]
+    dropped = DROPPED_REQUEST_HEADERS | listed_in_connection(request.headers)
+    headers = [(name, value) for name, value in request.headers if name not in dropped]
     headers.append((b"host", origin.host_header))
     headers.append((b"content-length", str(len(body)).encode()))
     if grant.api_key:
@@ -889,8 +899,8 @@ def upstream_request(request: Request, body: bytes, origin: Origin, grant: Grant
 
 def response_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """vLLM's response headers less hop-by-hop ones; Content-Length is kept, so h11 frames alike."""
-    return [(name, value) for name, value in headers
-            if name == b"content-length" or name not in HOP_BY_HOP]
+    dropped = HOP_BY_HOP | listed_in_connection(headers)
+    return [(name, value) for name, value in headers if name == b"content-length" or name not in dropped]
 
 
 async def send_upstream(service: Service, grant: Grant, request: Request, body: bytes

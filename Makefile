@@ -1,0 +1,28 @@
+# The two commands of the README: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test unit bench clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# The dispatcher on this machine: fake vLLM + consumer + sender with tokens.example.yaml.
+run: $(VENV)/.installed
+	$(PY) scripts/run_local.py
+
+# The whole test suite, after starting RabbitMQ and PostgreSQL if they are down.
+test: $(VENV)/.installed
+	bash scripts/services.sh
+	$(PY) -m pytest
+
+# Tests that need no service.
+unit: $(VENV)/.installed
+	$(PY) -m pytest tests/unit tests/proxy
+
+clean:
+	rm -rf $(VENV) .pytest_cache

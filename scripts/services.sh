@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Starts the services the test suite talks to (RabbitMQ, PostgreSQL) when they are not running,
+# on a Debian machine where they are installed as packages, and waits until they answer.
+set -euo pipefail
+
+is_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_open() {  # port, name
+  for _ in $(seq 1 120); do
+    is_open "$1" && return 0
+    sleep 0.5
+  done
+  echo "services.sh: $2 did not come up on port $1" >&2
+  return 1
+}
+
+if ! is_open 5672; then
+  echo "services.sh: starting RabbitMQ"
+  if command -v rabbitmq-server >/dev/null; then
+    rabbitmq-server -detached || true
+  else
+    echo "services.sh: RabbitMQ is not installed: apt-get install rabbitmq-server (or run it in a container:" \
+         "docker run -d -p 5672:5672 rabbitmq:3)" >&2
+    exit 1
+  fi
+  wait_open 5672 RabbitMQ
+fi
+
+if ! is_open 5432; then
+  echo "services.sh: starting PostgreSQL"
+  if command -v pg_ctlcluster >/dev/null; then
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n 1)" main start || true
+  else
+    echo "services.sh: PostgreSQL is not installed: apt-get install postgresql" >&2
+    exit 1
+  fi
+  wait_open 5432 PostgreSQL
+fi
+
+# RabbitMQ opens its port before it accepts AMQP logins; wait until it answers a status query.
+if command -v rabbitmqctl >/dev/null; then
+  for _ in $(seq 1 60); do
+    rabbitmqctl -q status >/dev/null 2>&1 && break
+    sleep 1
+  done
+fi

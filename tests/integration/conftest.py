@@ -1,0 +1,219 @@
+"""Real processes on real services: the fake vLLM, `consumer.py` and `sender.py`, RabbitMQ and PostgreSQL.
+
+Every test names its own model (`unique_model`), so that tests never see each other's queue.
+A session-wide PostgreSQL schema holds the tokens; `admin.py` creates them like an operator would.
+Services are started as subprocesses and awaited through their health routes, never a bare sleep;
+their logs are printed when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.helpers import free_port, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
+DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def http_get(url: str, timeout_s: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def http_post_json(url: str, payload: dict[str, Any], timeout_s: float = 5.0) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                     headers={"content-type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+@dataclass
+class Service:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    url: str
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+@dataclass
+class Fake:
+    """A fake vLLM process; `stats()` and `control()` use its test-only routes."""
+    service: Service
+    model: str
+
+    @property
+    def url(self) -> str:
+        return self.service.url
+
+    def stats(self) -> dict[str, Any]:
+        status, body = http_get(self.url + "/_fake/stats")
+        assert status == 200, body
+        return json.loads(body)
+
+    def control(self, **settings: Any) -> None:
+        status, body = http_post_json(self.url + "/_fake/control", settings)
+        assert status == 200, body
+
+
+@dataclass
+class Stack:
+    """Starts services for one test and stops them after it."""
+    tmp: Path
+    database_url: str
+    services: list[Service] = field(default_factory=list)
+
+    def _start(self, name: str, args: list[str], env: dict[str, str], url: str, health: str) -> Service:
+        log_path = self.tmp / f"{name}-{len(self.services)}.log"
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=full_env,
+                                       stdout=log_file, stderr=subprocess.STDOUT)
+        service = Service(name, process, log_path, url)
+        self.services.append(service)
+
+        def healthy() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"{name} exited with {process.returncode}:\n{service.log()}")
+            return http_get(url + health, 1.0)[0] == 200
+
+        wait_until(healthy, timeout_s=30, what=f"{name} to be ready")
+        return service
+
+    def fake_vllm(self, model: str, *extra: str) -> Fake:
+        port = free_port()
+        service = self._start("fake-vllm", ["tests/fake_vllm.py", "--host", "127.0.0.1", "--port", str(port),
+                                            "--model", model, *extra], {}, f"http://127.0.0.1:{port}", "/health")
+        return Fake(service, model)
+
+    def consumer(self, model: str, vllm_url: str, **env: str) -> Service:
+        port = free_port()
+        return self._start("consumer", ["consumer.py"], {
+            "MODEL": model, "VLLM_URL": vllm_url, "PROBE_PORT": str(port), "RABBITMQ_URL": RABBITMQ_URL,
+            "METRICS_REFRESH_SECONDS": "0.2", **env}, f"http://127.0.0.1:{port}", "/ready")
+
+    def sender(self, **env: str) -> Service:
+        port = free_port()
+        return self._start("sender", ["sender.py"], {
+            "SENDER_HOST": "127.0.0.1", "SENDER_PORT": str(port), "METRICS_PORT": str(free_port()),
+            "RABBITMQ_URL": RABBITMQ_URL, "DATABASE_URL": self.database_url, **env},
+            f"http://127.0.0.1:{port}", "/health/readiness")
+
+    def served(self, sender: Service, model: str, token: str) -> None:
+        """Waits until `sender` lists `model` (consumers announce every few seconds)."""
+        def listed() -> bool:
+            request = urllib.request.Request(sender.url + "/v1/models", headers={"authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(request, timeout=2) as response:
+                return model in [m["id"] for m in json.loads(response.read())["data"]]
+        wait_until(listed, timeout_s=15, what=f"{model} to be listed by the sender")
+
+    def stop(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+
+
+@dataclass(frozen=True)
+class Tokens:
+    high: str       # priority 9, threshold 1000
+    low: str        # priority 1, threshold 1000
+    strict: str     # priority 1, threshold 0: only when nobody waits
+    database_url: str
+
+    def admin(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "admin.py", *args], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "DATABASE_URL": self.database_url}, timeout=30)
+
+    def create(self, name: str, priority: int, threshold: int) -> str:
+        result = self.admin("create", name, "--priority", str(priority), "--threshold", str(threshold))
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A fresh schema in the test database, migrated by `admin.py migrate`, dropped at the end."""
+    import asyncio
+
+    schema = f"it_{uuid.uuid4().hex[:12]}"
+
+    async def execute(sql: str) -> None:
+        connection = await asyncpg.connect(DATABASE_URL)
+        try:
+            await connection.execute(sql)
+        finally:
+            await connection.close()
+
+    asyncio.run(execute(f'CREATE SCHEMA "{schema}"'))
+    url = f"{DATABASE_URL}?search_path={schema}"
+    result = subprocess.run([sys.executable, "admin.py", "migrate"], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "DATABASE_URL": url}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    yield url
+    asyncio.run(execute(f'DROP SCHEMA "{schema}" CASCADE'))
+
+
+@pytest.fixture(scope="session")
+def tokens(database_url: str) -> Tokens:
+    partial = Tokens("", "", "", database_url)
+    suffix = uuid.uuid4().hex[:6]
+    return Tokens(high=partial.create(f"high-{suffix}", 9, 1000), low=partial.create(f"low-{suffix}", 1, 1000),
+                  strict=partial.create(f"strict-{suffix}", 1, 0), database_url=database_url)
+
+
+@pytest.fixture
+def stack(tmp_path: Path, database_url: str, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    stack = Stack(tmp_path, database_url)
+    yield stack
+    stack.stop()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        for service in stack.services:
+            print(f"----- {service.name} ({service.log_path.name}) -----\n{service.log()}")
+
+
+@pytest.fixture
+def unique_model() -> str:
+    return f"it-model-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)

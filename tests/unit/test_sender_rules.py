@@ -1,0 +1,141 @@
+"""The sender's pure rules: header filtering, error rendering, reading the model, priority."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+import sender
+from common.messages import Grant
+
+TOKEN = sender.TokenInfo("t", priority=5, threshold=3)
+GRANT = Grant(lease="l", url="http://vllm:8000", api_key=None, release_to="q", vllm_priority=None)
+
+
+def test_error_envelope_has_openai_shape_and_retry_after() -> None:
+    response, body = sender.render_error(sender.ApiError(429, "busy", type="rate_limit_error", code="queue_full",
+                                                         retry_after_s=2))
+    assert response.status_code == 429
+    assert (b"retry-after", b"2") in list(response.headers)
+    assert (b"content-type", b"application/json") in list(response.headers)
+    assert orjson.loads(body) == {"error": {"message": "busy", "type": "rate_limit_error", "param": None,
+                                            "code": "queue_full"}}
+
+
+@pytest.mark.parametrize(("headers", "body", "model"), [
+    pytest.param([], b'{"model": "m1", "messages": []}', "m1", id="json"),
+    pytest.param([(b"content-type", b"application/json; charset=utf-8")], b' {"x": [1], "model":"m2"}', "m2",
+                 id="json-with-charset"),
+    pytest.param([(b"content-type", b'multipart/form-data; boundary="b0"')],
+                 b'--b0\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper\r\n--b0--\r\n', "whisper",
+                 id="multipart-quoted-boundary"),
+    pytest.param([(b"content-type", b"multipart/form-data; boundary=b1")],
+                 b'--b1\r\ncontent-disposition: form-data; name="file"; filename="x"\r\n\r\n\x00\xff--b1x\r\n'
+                 b'--b1\r\ncontent-disposition: form-data; name="model"\r\n\r\nw2\r\n--b1--\r\n', "w2",
+                 id="multipart-model-after-binary"),
+])
+def test_read_model(headers, body, model) -> None:
+    assert sender.read_model(headers, body) == model
+
+
+@pytest.mark.parametrize(("body", "code"), [
+    pytest.param(b"", "invalid_json", id="empty"),
+    pytest.param(b"{", "invalid_json", id="truncated"),
+    pytest.param(b'{"model": ""}', "invalid_model", id="empty-model"),
+    pytest.param(b'{"model": null}', "missing_model", id="null-model"),
+    pytest.param(b'"text"', "missing_model", id="json-string"),
+])
+def test_read_model_refuses_with_400(body, code) -> None:
+    with pytest.raises(sender.ApiError) as caught:
+        sender.read_model([], body)
+    assert caught.value.status == 400 and caught.value.code == code
+
+
+@pytest.mark.parametrize(("header", "priority"), [
+    pytest.param(None, 5, id="token-priority"),
+    pytest.param(b"2", 2, id="lowered"),
+    pytest.param(b"9", 5, id="cannot-raise"),
+    pytest.param(b"0", 0, id="zero"),
+])
+def test_effective_priority(header, priority) -> None:
+    headers = [] if header is None else [(b"x-priority", header)]
+    assert sender.effective_priority(TOKEN, headers) == priority
+
+
+@pytest.mark.parametrize("value", [b"-1", b"high", b"1.5"])
+def test_effective_priority_rejects_bad_header(value) -> None:
+    with pytest.raises(sender.ApiError) as caught:
+        sender.effective_priority(TOKEN, [(b"x-priority", value)])
+    assert caught.value.status == 400
+
+
+def test_upstream_request_drops_hop_by_hop_and_credentials() -> None:
+    request = sender.Request(b"POST", b"/v1/chat/completions?a=b", [
+        (b"host", b"dispatcher.example"), (b"authorization", b"Bearer sk-user"), (b"connection", b"keep-alive"),
+        (b"keep-alive", b"timeout=5"), (b"transfer-encoding", b"chunked"), (b"te", b"trailers"),
+        (b"x-priority", b"1"), (b"x-vllm-priority", b"0"), (b"expect", b"100-continue"),
+        (b"content-type", b"application/json"), (b"user-agent", b"OpenAI/Python"), (b"x-request-id", b"abc"),
+    ], b"1.1")
+    grant = Grant(lease="l", url="http://vllm:8000", api_key="secret", release_to="q", vllm_priority=7)
+    out = sender.upstream_request(request, b"{}", sender.Origin.parse(grant.url), grant)
+    headers = dict(out.headers)
+    assert out.target == b"/v1/chat/completions?a=b"
+    assert headers[b"host"] == b"vllm:8000"
+    assert headers[b"authorization"] == b"Bearer secret"
+    assert headers[b"x-vllm-priority"] == b"7"
+    assert headers[b"content-length"] == b"2"
+    assert headers[b"x-request-id"] == b"abc"  # the client's own, passed on; the sender adds none
+    for dropped in (b"connection", b"keep-alive", b"transfer-encoding", b"te", b"x-priority", b"expect"):
+        assert dropped not in headers
+    assert [v for k, v in out.headers if k == b"x-vllm-priority"] == [b"7"]
+
+
+def test_upstream_request_without_server_key_sends_no_authorization() -> None:
+    request = sender.Request(b"POST", b"/v1/completions", [(b"authorization", b"Bearer sk-user")], b"1.1")
+    out = sender.upstream_request(request, b"", sender.Origin.parse(GRANT.url), GRANT)
+    assert b"authorization" not in dict(out.headers)
+
+
+def test_response_headers_keep_length_and_drop_hop_by_hop() -> None:
+    kept = sender.response_headers([(b"content-length", b"10"), (b"connection", b"close"),
+                                    (b"transfer-encoding", b"chunked"), (b"content-type", b"text/event-stream"),
+                                    (b"date", b"x"), (b"server", b"uvicorn")])
+    assert kept == [(b"content-length", b"10"), (b"content-type", b"text/event-stream"), (b"date", b"x"),
+                    (b"server", b"uvicorn")]
+
+
+@pytest.mark.parametrize(("url", "host_header"), [
+    ("http://vllm:8000", b"vllm:8000"), ("http://vllm", b"vllm"), ("https://vllm.example", b"vllm.example"),
+    ("http://[::1]:8000", b"[::1]:8000"),
+])
+def test_origin_host_header(url, host_header) -> None:
+    assert sender.Origin.parse(url).host_header == host_header
+
+
+@pytest.mark.parametrize(("env", "variable"), [
+    pytest.param({}, "DATABASE_URL", id="no-token-source"),
+    pytest.param({"DATABASE_URL": "mysql://x"}, "DATABASE_URL", id="not-postgres"),
+    pytest.param({"TOKENS_FILE": "t.yaml", "SENDER_PORT": "http"}, "SENDER_PORT", id="port"),
+    pytest.param({"TOKENS_FILE": "t.yaml", "GRANT_TIMEOUT": "0"}, "GRANT_TIMEOUT", id="grant-timeout"),
+    pytest.param({"TOKENS_FILE": "t.yaml", "MAX_BODY_BYTES": "-1"}, "MAX_BODY_BYTES", id="body-limit"),
+    pytest.param({"TOKENS_FILE": "t.yaml", "MAX_PRIORITY": "300"}, "MAX_PRIORITY", id="max-priority"),
+])
+def test_config_errors_name_the_variable(env, variable) -> None:
+    with pytest.raises(sender.ConfigError, match=variable):
+        sender.Config.from_env(env)
+
+
+def test_config_defaults_follow_the_design() -> None:
+    config = sender.Config.from_env({"TOKENS_FILE": "t.yaml"})
+    assert (config.port, config.token_cache_s, config.grant_timeout_s, config.upstream_timeout_s,
+            config.max_body_bytes, config.max_priority, config.rpc_reconnect_attempts) == (
+        8080, 30.0, 570.0, 600.0, 32 * 1024 * 1024, 10, 10)
+
+
+def test_headers_named_in_connection_are_dropped_both_ways() -> None:
+    request = sender.Request(b"POST", b"/v1/completions", [(b"connection", b"keep-alive, X-Trace-Hop"),
+                                                          (b"x-trace-hop", b"1"), (b"x-kept", b"1")], b"1.1")
+    out = dict(sender.upstream_request(request, b"", sender.Origin.parse(GRANT.url), GRANT).headers)
+    assert b"x-trace-hop" not in out and out[b"x-kept"] == b"1"
+    assert sender.response_headers([(b"connection", b"x-up"), (b"x-up", b"1"), (b"x-kept", b"2")]) == [
+        (b"x-kept", b"2")]
