@@ -1,0 +1,897 @@
+"""The consumer: grants slots on the vLLM servers of one model, by priority, through RabbitMQ.
+
+It runs beside the vLLM server(s) of one model. Senders put one tiny grant request per client
+request on the model's priority queue; the consumer takes a request off the queue only when one of
+its servers can take it at once, answers with a grant naming that server, and counts the slot as
+used until the sender's release (or the lease timeout) frees it.
+
+    delivery -> decode -> pick server -> record lease -> publish grant to reply_to
+      -> cancel the queue consumer if that was the last free slot -> ack
+
+Invariants:
+- No priority inversion. With prefetch 1, the model queue is consumed only while some server has
+  room, and the consumer is cancelled *before* acking the request that took the last slot. While
+  every server is full nothing is held unacked, so a high-priority request that arrives later is the
+  next one the broker delivers (RabbitMQ never reorders messages already delivered).
+- Every decision (which server, may I grant now, which leases expired) is made by `Capacity`, which
+  does no I/O and takes the time as an argument. The AMQP handlers only decode, decide, reply and
+  ack, one at a time under one lock (aiormq runs each delivery in its own task).
+- A slot counts from its grant to its release. A lost release (sender crash, broker reconnect)
+  frees the slot after LEASE_TIMEOUT_SECONDS, so a slot never leaks forever. Leases survive broker
+  reconnects: the requests still run on vLLM.
+- A server whose /health fails gets no grant; with no healthy server the queue is not consumed.
+
+Known limitations: the speed rule (MIN_TOKENS_PER_SECOND_PER_USER from vLLM's /metrics) is parsed
+and the metrics are sampled, but not yet applied (see `Server.can_take`). A grant to a sender that
+vanished (direct reply-to drops it silently) holds its slot until the lease timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import re
+import signal
+import socket
+import ssl
+import sys
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiormq
+import aiormq.exceptions
+import h11
+import orjson
+import prometheus_client as prom
+import uvloop
+from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
+from pamqp import commands as spec
+from prometheus_client.parser import text_string_to_metric_families
+
+from common.config import (ConfigError, env_bool, env_float, env_int, env_str, log_level, rabbitmq_url,
+                           setup_logging)
+from common.messages import (ANNOUNCE_EXCHANGE, ANNOUNCE_INTERVAL_S, ANNOUNCE_TTL_S, Announcement, Grant,
+                             MessageError, decode_grant_request, decode_release, encode, is_valid_model_id,
+                             model_queue)
+
+log = logging.getLogger("consumer")
+
+DEFAULT_MAX_PARALLEL_REQUESTS = 16
+VLLM_HTTP_TIMEOUT_S = 5.0           # one GET to vLLM; with a 1 s refresh, readiness is red within 10 s
+VLLM_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+VLLM_STARTUP_RETRY_S = 1.0          # between /health attempts at start-up
+READ_CHUNK_BYTES = 64 * 1024
+PROBE_IDLE_TIMEOUT_S = 30.0         # a probe connection silent this long is closed
+PROBE_MAX_REQUEST_BYTES = 64 * 1024
+RELEASE_QUEUE_PREFIX = "dispatcher.release."
+# The release queue outlives a broker reconnect this long, so releases sent meanwhile still arrive.
+RELEASE_QUEUE_EXPIRES_MS = 60_000
+RABBITMQ_CONNECT_TIMEOUT_S = 10.0
+RECONNECT_DELAY_MIN_S = 0.5
+RECONNECT_DELAY_MAX_S = 10.0
+SHUTDOWN_TIMEOUT_S = 5.0
+
+# Summed over the `engine` label (one per data-parallel rank); reference A.8.
+VLLM_RUNNING = "vllm:num_requests_running"
+VLLM_WAITING = "vllm:num_requests_waiting"
+VLLM_GENERATION_TOKENS = "vllm:generation_tokens_total"
+
+JSON_CONTENT_TYPE = b"application/json"
+_CONSUMER_ID_UNSAFE = re.compile(r"[^a-zA-Z0-9\-_.]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+@dataclass(frozen=True, slots=True)
+class ServerSpec:
+    url: str                   # "http://host:port", no path, no trailing slash
+    api_key: str | None
+    max_parallel: int
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    model: str
+    servers: tuple[ServerSpec, ...]
+    min_tokens_per_second_per_user: float
+    metrics_refresh_s: float
+    rpc_queue_expiration_ms: int
+    probe_port: int
+    max_vllm_connection_attempts: int
+    forward_priority: bool
+    lease_timeout_s: float
+    rabbitmq_url: str
+    rpc_reconnect_attempts: int
+    max_priority: int
+    log_level: int
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Config:
+        model = env.get("MODEL", "").strip()
+        if not model:
+            raise ConfigError("MODEL is required: the model id clients send (vLLM's served model name)")
+        if not is_valid_model_id(model):
+            raise ConfigError(f"MODEL={model!r} cannot name a RabbitMQ queue "
+                              "(letters, digits and -_.:@#,/+ only, at most 255 bytes with the prefix)")
+        max_parallel = env_int(env, "MAX_PARALLEL_REQUESTS", DEFAULT_MAX_PARALLEL_REQUESTS, minimum=1)
+        return cls(
+            model=model,
+            servers=read_servers(env, max_parallel),
+            min_tokens_per_second_per_user=env_float(env, "MIN_TOKENS_PER_SECOND_PER_USER", 0.0, minimum=0),
+            metrics_refresh_s=env_float(env, "METRICS_REFRESH_SECONDS", 1.0, minimum=0.01),
+            rpc_queue_expiration_ms=env_int(env, "RPC_QUEUE_EXPIRATION", 30_000, minimum=1000),
+            probe_port=env_int(env, "PROBE_PORT", 8081, minimum=0, maximum=65535),
+            max_vllm_connection_attempts=env_int(env, "MAX_VLLM_CONNECTION_ATTEMPTS", 100, minimum=1),
+            forward_priority=env_bool(env, "FORWARD_PRIORITY", False),
+            lease_timeout_s=env_float(env, "LEASE_TIMEOUT_SECONDS", 900.0, minimum=0.001),
+            rabbitmq_url=rabbitmq_url(env),
+            rpc_reconnect_attempts=env_int(env, "RPC_RECONNECT_ATTEMPTS", 10, minimum=1),
+            max_priority=env_int(env, "MAX_PRIORITY", 10, minimum=1, maximum=255),
+            log_level=log_level(env),
+        )
+
+
+def read_servers(env: Mapping[str, str], max_parallel: int) -> tuple[ServerSpec, ...]:
+    """VLLM_SERVERS (a JSON list) when set, else the one server of VLLM_URL and VLLM_API_KEY."""
+    raw = env.get("VLLM_SERVERS", "").strip()
+    if not raw:
+        url = check_base_url("VLLM_URL", env_str(env, "VLLM_URL", "http://localhost:8000"))
+        return (ServerSpec(url, env.get("VLLM_API_KEY", "").strip() or None, max_parallel),)
+    shape = 'a JSON list of {"url", "api_key", "max_parallel_requests"}'
+    try:
+        entries = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ConfigError(f"VLLM_SERVERS is not valid JSON (expected {shape})") from None
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"VLLM_SERVERS must be a non-empty list ({shape})")
+    servers: list[ServerSpec] = []
+    for index, entry in enumerate(entries):
+        where = f"VLLM_SERVERS[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} is not an object ({shape})")
+        unknown = set(entry) - {"url", "api_key", "max_parallel_requests"}
+        if unknown:
+            raise ConfigError(f"{where} has unknown keys {sorted(unknown)} ({shape})")
+        url = entry.get("url")
+        if not isinstance(url, str):
+            raise ConfigError(f"{where}.url is missing or not a string")
+        api_key = entry.get("api_key")
+        if api_key is not None and not isinstance(api_key, str):
+            raise ConfigError(f"{where}.api_key must be a string or null")
+        parallel = entry.get("max_parallel_requests", max_parallel)
+        if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+            raise ConfigError(f"{where}.max_parallel_requests must be an integer of at least 1")
+        servers.append(ServerSpec(check_base_url(f"{where}.url", url), api_key or None, parallel))
+    urls = [server.url for server in servers]
+    for url in urls:
+        if urls.count(url) > 1:
+            raise ConfigError(f"VLLM_SERVERS lists {url} more than once")
+    return tuple(servers)
+
+
+def check_base_url(name: str, url: str) -> str:
+    """A vLLM base URL is scheme://host[:port]: the sender keeps only that part of a grant's url."""
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError(f"{name}={url!r} is not a URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{name}={url!r} must look like http://host:port")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"{name}={url!r} must have no path (vLLM's routes start at /v1)")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def new_consumer_id() -> str:
+    """Unique per process; it also names the release queue, so only queue-name characters."""
+    host = _CONSUMER_ID_UNSAFE.sub("-", socket.gethostname())[:64] or "consumer"
+    return f"{host}.{os.urandom(4).hex()}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Decisions: which server, may I grant now, which leases expired. No I/O; time is an argument.
+
+@dataclass(frozen=True, slots=True)
+class MetricsSample:
+    """What vLLM's /metrics said, summed over engines; the speed rule's input."""
+    running: float
+    waiting: float
+    generation_tokens_total: float
+
+
+@dataclass(slots=True)
+class Server:
+    url: str
+    api_key: str | None
+    max_parallel: int
+    healthy: bool = False
+    health_changed_at: float = 0.0
+    leases: dict[str, float] = field(default_factory=dict)  # lease id -> granted at (monotonic)
+    sample: MetricsSample | None = None
+    sampled_at: float = 0.0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.leases)
+
+    @property
+    def headroom(self) -> int:
+        return self.max_parallel - len(self.leases)
+
+    def can_take(self) -> bool:
+        # Next: and the speed rule on `sample` (tokens/s per running request, nothing waiting).
+        return self.healthy and self.headroom > 0
+
+
+class Capacity:
+    """The servers of one model and the slots granted on them."""
+
+    def __init__(self, servers: Iterable[ServerSpec], lease_timeout_s: float, lease_prefix: str = "") -> None:
+        self.servers = [Server(spec.url, spec.api_key, spec.max_parallel) for spec in servers]
+        self._by_url = {server.url: server for server in self.servers}
+        self._lease_server: dict[str, Server] = {}
+        self._lease_timeout_s = lease_timeout_s
+        self._lease_prefix = lease_prefix
+        self._lease_ids = itertools.count(1)
+
+    def has_room(self) -> bool:
+        return any(server.can_take() for server in self.servers)
+
+    def is_any_healthy(self) -> bool:
+        return any(server.healthy for server in self.servers)
+
+    def pick_server(self) -> Server | None:
+        """The server that can take a request now with the most free slots (the first listed on a tie)."""
+        best: Server | None = None
+        for server in self.servers:
+            if server.can_take() and (best is None or server.headroom > best.headroom):
+                best = server
+        return best
+
+    def grant(self, server: Server, now: float) -> str:
+        if not server.can_take():
+            raise ValueError(f"{server.url} cannot take a request now")
+        lease = f"{self._lease_prefix}{next(self._lease_ids)}"
+        server.leases[lease] = now
+        self._lease_server[lease] = server
+        return lease
+
+    def release(self, lease: str) -> Server | None:
+        """Frees the slot of `lease`; None when unknown (already released or expired)."""
+        server = self._lease_server.pop(lease, None)
+        if server is not None:
+            del server.leases[lease]
+        return server
+
+    def expire_leases(self, now: float) -> list[tuple[str, Server]]:
+        """Frees the slots granted more than the lease timeout ago (their release was lost)."""
+        expired = [(lease, server) for server in self.servers for lease, granted_at in server.leases.items()
+                   if now - granted_at >= self._lease_timeout_s]
+        for lease, server in expired:
+            del server.leases[lease]
+            del self._lease_server[lease]
+        return expired
+
+    def set_health(self, url: str, ok: bool, now: float) -> bool:
+        """Records a health check; True when the server's health changed."""
+        server = self._by_url[url]
+        if server.healthy == ok:
+            return False
+        server.healthy = ok
+        server.health_changed_at = now
+        return True
+
+    def update_metrics(self, url: str, sample: MetricsSample | None, now: float) -> None:
+        """Keeps vLLM's latest load figures; the speed rule and the reconciliation of our slot count
+        with vLLM's own `num_requests_running` will read them here."""
+        server = self._by_url[url]
+        if sample is not None:
+            server.sample = sample
+            server.sampled_at = now
+
+
+def vllm_priority(priority: int, max_priority: int, forward: bool) -> int | None:
+    """vLLM's `priority` runs the other way (lower is served earlier), and only matters with
+    `--scheduling-policy priority`, hence FORWARD_PRIORITY."""
+    if not forward:
+        return None
+    return max_priority - min(max(priority, 0), max_priority)
+
+
+def parse_vllm_metrics(text: str) -> MetricsSample | None:
+    """Running, waiting and generated-token totals from vLLM's Prometheus text, summed over engines."""
+    totals = {VLLM_RUNNING: 0.0, VLLM_WAITING: 0.0, VLLM_GENERATION_TOKENS: 0.0}
+    seen = False
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+                seen = True
+    if not seen:
+        return None
+    return MetricsSample(totals[VLLM_RUNNING], totals[VLLM_WAITING], totals[VLLM_GENERATION_TOKENS])
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics of the consumer itself (PROBE_PORT /metrics)
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    grants: prom.Counter
+    releases: prom.Counter
+    lease_expiries: prom.Counter
+    in_flight: prom.Gauge
+    healthy: prom.Gauge
+
+    @classmethod
+    def create(cls, registry: prom.CollectorRegistry, capacity: Capacity) -> Metrics:
+        metrics = cls(
+            grants=prom.Counter("dispatcher_consumer_grants", "Slots granted, by vLLM server.",
+                                ["server"], registry=registry),
+            releases=prom.Counter("dispatcher_consumer_releases", "Slots released by a sender, by vLLM server.",
+                                  ["server"], registry=registry),
+            lease_expiries=prom.Counter("dispatcher_consumer_lease_expiries",
+                                        "Slots freed by the lease timeout (release lost), by vLLM server.",
+                                        ["server"], registry=registry),
+            in_flight=prom.Gauge("dispatcher_consumer_in_flight", "Slots granted and not yet released.",
+                                 ["server"], registry=registry),
+            healthy=prom.Gauge("dispatcher_consumer_server_healthy", "1 when the server's /health answers 200.",
+                               ["server"], registry=registry),
+        )
+        # Read from the decisions at scrape time, so no code path can forget to update them.
+        for server in capacity.servers:
+            metrics.in_flight.labels(server.url).set_function(lambda s=server: s.in_flight)
+            metrics.healthy.labels(server.url).set_function(lambda s=server: 1.0 if s.healthy else 0.0)
+            for counter in (metrics.grants, metrics.releases, metrics.lease_expiries):
+                counter.labels(server.url)
+        return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM: a tiny HTTP/1.1 GET client (h11), one fresh connection per request
+
+class VllmError(Exception):
+    """vLLM could not be reached, or its answer could not be read."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerReading:
+    healthy: bool
+    sample: MetricsSample | None
+
+
+class VllmClient:
+    """Reads /health, /metrics and /v1/models; every failure becomes VllmError or a negative answer."""
+
+    def __init__(self, timeout_s: float = VLLM_HTTP_TIMEOUT_S) -> None:
+        self._timeout_s = timeout_s
+        self._tls = ssl.create_default_context()
+        self._warned_no_card: set[str] = set()  # retried every few seconds: warn once per server
+
+    async def is_healthy(self, server: Server) -> bool:
+        try:
+            status, _ = await self.get(server, "/health")
+        except VllmError as exc:
+            log.debug("GET %s/health failed: %s", server.url, exc)
+            return False
+        return status == 200
+
+    async def read(self, server: Server) -> ServerReading:
+        """Health, then load (a failed /metrics read leaves the last sample in place)."""
+        if not await self.is_healthy(server):
+            return ServerReading(False, None)
+        try:
+            status, body = await self.get(server, "/metrics")
+            sample = parse_vllm_metrics(body.decode()) if status == 200 else None
+        except (VllmError, ValueError) as exc:
+            log.debug("GET %s/metrics failed: %s", server.url, exc)
+            sample = None
+        return ServerReading(True, sample)
+
+    async def read_model_card(self, server: Server, model: str) -> dict[str, Any] | None:
+        """The entry for `model` in the server's /v1/models, as vLLM gives it."""
+        try:
+            status, body = await self.get(server, "/v1/models")
+            if status != 200:
+                raise VllmError(f"status {status}")
+            listing = orjson.loads(body)
+        except (VllmError, orjson.JSONDecodeError) as exc:
+            log.warning("GET %s/v1/models failed: %s", server.url, exc)
+            return None
+        data = listing.get("data") if isinstance(listing, dict) else None
+        cards = [card for card in data if isinstance(card, dict)] if isinstance(data, list) else []
+        for card in cards:
+            if card.get("id") == model:
+                return card
+        if server.url not in self._warned_no_card:
+            self._warned_no_card.add(server.url)
+            log.warning("%s does not serve a model named %r (it serves %s); check MODEL", server.url, model,
+                        [card.get("id") for card in cards])
+        return None
+
+    async def get(self, server: Server, path: str) -> tuple[int, bytes]:
+        parts = urllib.parse.urlsplit(server.url)
+        assert parts.hostname is not None
+        tls = parts.scheme == "https"
+        host = parts.netloc.rpartition("@")[2]  # no userinfo in Host (RFC 9110 §7.2)
+        headers = [(b"host", host.encode()), (b"accept", b"*/*"), (b"connection", b"close")]
+        if server.api_key:
+            headers.append((b"authorization", b"Bearer " + server.api_key.encode()))
+        connection = h11.Connection(h11.CLIENT)
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                reader, writer = await asyncio.open_connection(
+                    parts.hostname, parts.port or (443 if tls else 80), ssl=self._tls if tls else None,
+                    limit=READ_CHUNK_BYTES)
+                try:
+                    writer.write(connection.send(h11.Request(method="GET", target=path, headers=headers))
+                                 + connection.send(h11.EndOfMessage()))
+                    await writer.drain()
+                    return await read_response(connection, reader)
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError, h11.ProtocolError) as exc:
+            raise VllmError(f"{type(exc).__name__}: {exc}") from None
+
+
+async def read_response(connection: h11.Connection, reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    status = 0
+    body = bytearray()
+    while True:
+        event = connection.next_event()
+        if event is h11.NEED_DATA:
+            connection.receive_data(await reader.read(READ_CHUNK_BYTES))
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > VLLM_MAX_RESPONSE_BYTES:
+                raise VllmError(f"response larger than {VLLM_MAX_RESPONSE_BYTES} bytes")
+        elif isinstance(event, h11.EndOfMessage):
+            return status, bytes(body)
+        elif isinstance(event, h11.ConnectionClosed):
+            raise VllmError("connection closed before a complete response")
+
+
+async def wait_for_vllm(vllm: VllmClient, capacity: Capacity, attempts: int) -> bool:
+    """Polls every server's /health, 1 s apart, until one answers 200; False after `attempts` rounds.
+    vLLM serves no HTTP at all until its model is loaded (reference A.9): refused means loading."""
+    for attempt in range(1, attempts + 1):
+        results = await asyncio.gather(*(vllm.is_healthy(server) for server in capacity.servers))
+        now = time.monotonic()
+        for server, ok in zip(capacity.servers, results):
+            capacity.set_health(server.url, ok, now)
+        if any(results):
+            return True
+        if attempt == 1 or attempt % 10 == 0:
+            log.info("waiting for vLLM /health (attempt %d of %d)", attempt, attempts)
+        if attempt < attempts:
+            await asyncio.sleep(VLLM_STARTUP_RETRY_S)
+    return False
+
+
+async def fetch_model_card(vllm: VllmClient, capacity: Capacity, model: str) -> dict[str, Any] | None:
+    for server in capacity.servers:
+        if server.healthy:
+            card = await vllm.read_model_card(server, model)
+            if card is not None:
+                return card
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The broker side: the model queue's consumer, grants, releases, announcements, reconnects
+
+class Dispatcher:
+    """Owns the RabbitMQ connection and turns deliveries into grants, one decision at a time.
+
+    - The model queue is consumed (prefetch 1) only while `capacity.has_room()`: `_maybe_consume`
+      and `_maybe_pause` are called after every change of capacity, under the lock.
+    - Releases arrive on this consumer's own queue `dispatcher.release.<id>` (no-ack). It is not
+      exclusive but expires a minute after its last consumer, so it outlives a reconnect.
+    - The model queue is redeclared every tick, since x-expires would delete it while we are full.
+    - aiormq does not reconnect; `maintain` does, with back-off, and redeclares everything.
+      Unacked requests go back to the queue when a connection dies; leases are kept.
+    """
+
+    def __init__(self, config: Config, consumer_id: str, capacity: Capacity, metrics: Metrics,
+                 fetch_card: Callable[[], Awaitable[dict[str, Any] | None]]) -> None:
+        self._config = config
+        self._consumer_id = consumer_id
+        self._capacity = capacity
+        self._metrics = metrics
+        self._fetch_card = fetch_card
+        self.card: dict[str, Any] | None = None
+        self._model_queue = model_queue(config.model)
+        self.release_queue = RELEASE_QUEUE_PREFIX + consumer_id
+        self._lock = asyncio.Lock()
+        self._channel: AbstractChannel | None = None
+        self._consumer_tag: str | None = None
+        self._stopping = False
+        self._failures = 0
+        self._ever_connected = False
+
+    def is_ready(self) -> bool:
+        if self._stopping:
+            return False
+        if self._channel is not None:
+            return True
+        return self._ever_connected and self._failures < self._config.rpc_reconnect_attempts
+
+    # -- broker callbacks: decode, decide, reply, ack --
+
+    async def on_request(self, message: DeliveredMessage) -> None:
+        try:
+            async with self._lock:
+                await self._handle_request(message)
+        except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, ConnectionError) as exc:
+            # The channel died under us: the broker requeues the request, `maintain` reconnects.
+            log.debug("grant request not answered: %s", type(exc).__name__)
+
+    async def _handle_request(self, message: DeliveredMessage) -> None:
+        channel = message.channel
+        if channel is not self._channel:
+            return  # delivered on a channel since closed: the broker has requeued it
+        delivery_tag = message.delivery.delivery_tag
+        properties = message.header.properties
+        try:
+            request = decode_grant_request(message.body)
+            reply_to = properties.reply_to or ""
+            if not reply_to or len(reply_to.encode()) > 255:
+                raise MessageError("no usable reply_to")
+        except MessageError as exc:
+            log.warning("rejected a malformed grant request: %s", exc)
+            await channel.basic_reject(delivery_tag, requeue=False)
+            return
+        server = None if self._stopping else self._capacity.pick_server()
+        if server is None:
+            # Sent before the broker saw our cancel (or the last server turned unhealthy): cancel first,
+            # so the requeued message is not pushed straight back to us.
+            await self._maybe_pause()
+            await channel.basic_nack(delivery_tag, requeue=True)
+            return
+        lease = self._capacity.grant(server, time.monotonic())
+        grant = Grant(lease=lease, url=server.url, api_key=server.api_key, release_to=self.release_queue,
+                      vllm_priority=vllm_priority(request.priority, self._config.max_priority,
+                                                  self._config.forward_priority))
+        try:
+            await channel.basic_publish(
+                encode(grant), routing_key=reply_to,
+                properties=spec.Basic.Properties(correlation_id=properties.correlation_id, delivery_mode=1))
+        except BaseException:
+            self._capacity.release(lease)
+            raise
+        self._metrics.grants.labels(server.url).inc()
+        log.debug("granted %s on %s (priority %d)", lease, server.url, request.priority)
+        # Before the ack: once acked, a prefetch-1 consumer would be sent the next request at once.
+        await self._maybe_pause()
+        await channel.basic_ack(delivery_tag)
+
+    async def on_release(self, message: DeliveredMessage) -> None:
+        try:
+            release = decode_release(message.body)
+        except MessageError as exc:
+            log.warning("ignored a malformed release: %s", exc)
+            return
+        async with self._lock:
+            server = self._capacity.release(release.lease)
+            if server is None:
+                log.debug("release of unknown lease %s ignored (expired or released twice)", release.lease)
+                return
+            self._metrics.releases.labels(server.url).inc()
+            await self._maybe_consume_safely()
+
+    async def update_servers(self, readings: Mapping[str, ServerReading]) -> None:
+        """Applies a round of health and metrics readings, expires leases, then consumes or pauses."""
+        async with self._lock:
+            now = time.monotonic()
+            for url, reading in readings.items():
+                if self._capacity.set_health(url, reading.healthy, now):
+                    if reading.healthy:
+                        log.info("vLLM %s is healthy again", url)
+                    else:
+                        log.warning("vLLM %s is unhealthy: no grants to it", url)
+                    if not self._capacity.is_any_healthy():
+                        log.warning("no healthy vLLM server: not granting")
+                self._capacity.update_metrics(url, reading.sample, now)
+            for lease, server in self._capacity.expire_leases(now):
+                self._metrics.lease_expiries.labels(server.url).inc()
+                log.warning("lease %s on %s expired after %.0fs without a release", lease, server.url,
+                            self._config.lease_timeout_s)
+            await self._maybe_consume_safely()
+
+    # -- gating the model queue's consumer (always under the lock) --
+
+    async def _maybe_consume_safely(self) -> None:
+        try:
+            await self._maybe_pause()
+            await self._maybe_consume()
+        except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, ConnectionError) as exc:
+            log.debug("consumer not switched: %s", type(exc).__name__)  # `maintain` sees the loss
+
+    async def _maybe_consume(self) -> None:
+        channel = self._channel
+        if channel is None or self._consumer_tag is not None or self._stopping or not self._capacity.has_room():
+            return
+        consume_ok = await channel.basic_consume(self._model_queue, self.on_request)
+        self._consumer_tag = consume_ok.consumer_tag
+
+    async def _maybe_pause(self) -> None:
+        channel = self._channel
+        if channel is None or self._consumer_tag is None or (self._capacity.has_room() and not self._stopping):
+            return
+        consumer_tag, self._consumer_tag = self._consumer_tag, None
+        await channel.basic_cancel(consumer_tag)
+
+    # -- connection lifecycle --
+
+    async def maintain(self) -> None:
+        """Connects, and reconnects with back-off for as long as the process runs."""
+        delay = RECONNECT_DELAY_MIN_S
+        while not self._stopping:
+            try:
+                async with asyncio.timeout(RABBITMQ_CONNECT_TIMEOUT_S):
+                    connection = await aiormq.connect(self._config.rabbitmq_url)
+            except (aiormq.exceptions.AMQPError, OSError) as exc:
+                self._failures += 1
+                log.warning("RabbitMQ unreachable (%s, attempt %d); retrying in %.1fs",
+                            type(exc).__name__, self._failures, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_DELAY_MAX_S)
+                continue
+            try:
+                await self._serve(connection)
+            except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, OSError) as exc:
+                log.warning("RabbitMQ connection lost or refused: %s", exc or type(exc).__name__)
+            finally:
+                served = self._channel is not None
+                self._channel = None
+                self._consumer_tag = None
+                if not connection.is_closed:
+                    await connection.close()
+            if served:
+                delay = RECONNECT_DELAY_MIN_S
+            else:  # e.g. a declare refused (406: another consumer declared the queue with other arguments)
+                self._failures += 1
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_DELAY_MAX_S)
+
+    async def _serve(self, connection: AbstractConnection) -> None:
+        channel = await connection.channel()
+        await channel.basic_qos(prefetch_count=1)
+        await channel.exchange_declare(ANNOUNCE_EXCHANGE, exchange_type="fanout")
+        await self._declare_model_queue(channel)
+        await channel.queue_declare(self.release_queue, arguments={"x-expires": RELEASE_QUEUE_EXPIRES_MS})
+        await channel.basic_consume(self.release_queue, self.on_release, no_ack=True)
+        async with self._lock:
+            self._channel = channel
+            self._consumer_tag = None
+            await self._maybe_consume()
+        self._failures = 0
+        self._ever_connected = True
+        log.info("connected to RabbitMQ: serving %s, releases on %s", self._model_queue, self.release_queue)
+        ticker = asyncio.create_task(self._tick_while_connected(channel))
+        try:
+            await wait_closed(connection, channel)
+        finally:
+            await cancel_and_wait(ticker)
+
+    async def _declare_model_queue(self, channel: AbstractChannel) -> None:
+        await channel.queue_declare(self._model_queue, arguments={
+            "x-max-priority": self._config.max_priority, "x-expires": self._config.rpc_queue_expiration_ms})
+
+    async def _tick_while_connected(self, channel: AbstractChannel) -> None:
+        """Every ANNOUNCE_INTERVAL_S (or a third of the queue's expiration, if shorter): redeclare the
+        model queue, and announce the model. x-expires deletes a queue without consumers, with the
+        requests in it, and while every slot is in use we have no consumer on it by design; a redeclare
+        renews its lease (RabbitMQ docs, ttl.md "Queue TTL"). So the queue lives while a consumer
+        process does, and expires RPC_QUEUE_EXPIRATION after the last one has gone."""
+        interval_s = min(ANNOUNCE_INTERVAL_S, self._config.rpc_queue_expiration_ms / 1000 / 3)
+        while True:
+            try:
+                await self._declare_model_queue(channel)
+                if self.card is None:
+                    self.card = await self._fetch_card()
+                if self.card is not None:
+                    await self._announce(channel, alive=True)
+            except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError,
+                    ConnectionError) as exc:
+                log.debug("tick not sent: %s", type(exc).__name__)
+                return  # the channel is closing; `maintain` takes over
+            await asyncio.sleep(interval_s)
+
+    async def _announce(self, channel: AbstractChannel, *, alive: bool) -> None:
+        announcement = Announcement(model=self._config.model, consumer=self._consumer_id, card=self.card or {},
+                                    alive=alive)
+        # An announcement older than its TTL is worthless: let the broker drop it rather than deliver it late.
+        await channel.basic_publish(encode(announcement), exchange=ANNOUNCE_EXCHANGE, properties=spec.Basic.Properties(
+            delivery_mode=1, expiration=str(int(ANNOUNCE_TTL_S * 1000))))
+
+    async def shut_down(self) -> None:
+        """Stops consuming, says goodbye, deletes the release queue; then `maintain` may be cancelled,
+        and closing the connection returns any unacked request to the queue."""
+        async with self._lock:
+            self._stopping = True
+            channel = self._channel
+            if channel is None:
+                return
+            try:
+                async with asyncio.timeout(SHUTDOWN_TIMEOUT_S):
+                    await self._maybe_pause()
+                    if self.card is not None:
+                        await self._announce(channel, alive=False)
+                    await channel.queue_delete(self.release_queue)
+            except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, ConnectionError,
+                    TimeoutError) as exc:
+                log.warning("shutdown: could not say goodbye to RabbitMQ: %s", type(exc).__name__)
+
+
+async def wait_closed(connection: AbstractConnection, channel: AbstractChannel) -> None:
+    """Returns when the connection or the channel closes; raises the reason if there is one."""
+    watchers = [connection.closing, channel.closing]
+    try:
+        done, _ = await asyncio.wait(watchers, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for watcher in watchers:
+            watcher.cancel()  # an observer only (aiormq `closing`); the resource is closed by `maintain`
+    for watcher in done:
+        if not watcher.cancelled() and watcher.exception() is not None:
+            raise watcher.exception()  # type: ignore[misc]
+    raise aiormq.exceptions.ChannelInvalidStateError("closed by the broker")
+
+
+async def watch_servers(vllm: VllmClient, capacity: Capacity, dispatcher: Dispatcher, interval_s: float) -> None:
+    """Every METRICS_REFRESH_SECONDS: each server's health and load, in parallel; then the decisions."""
+    while True:
+        started = time.monotonic()
+        readings = await asyncio.gather(*(vllm.read(server) for server in capacity.servers))
+        await dispatcher.update_servers({server.url: reading for server, reading in zip(capacity.servers, readings)})
+        await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - started)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Probes: /health, /ready, /metrics on PROBE_PORT (h11 server side)
+
+def probe_response(method: bytes, target: bytes, is_ready: Callable[[], bool],
+                   registry: prom.CollectorRegistry) -> tuple[int, bytes, bytes]:
+    """The whole probe surface: (status, content type, body) for one request."""
+    path = target.split(b"?", 1)[0]
+    if path not in (b"/health", b"/ready", b"/metrics"):
+        return 404, JSON_CONTENT_TYPE, b'{"error":"not found"}'
+    if method != b"GET":
+        return 405, JSON_CONTENT_TYPE, b'{"error":"method not allowed"}'
+    if path == b"/health":
+        return 200, JSON_CONTENT_TYPE, b'{"status":"ok"}'
+    if path == b"/ready":
+        if is_ready():
+            return 200, JSON_CONTENT_TYPE, b'{"status":"ready"}'
+        return 503, JSON_CONTENT_TYPE, b'{"status":"not ready"}'
+    return 200, prom.CONTENT_TYPE_LATEST.encode(), prom.generate_latest(registry)
+
+
+async def serve_probe_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                                 is_ready: Callable[[], bool], registry: prom.CollectorRegistry) -> None:
+    connection = h11.Connection(h11.SERVER, max_incomplete_event_size=PROBE_MAX_REQUEST_BYTES)
+    request: h11.Request | None = None
+    try:
+        while True:
+            event = connection.next_event()
+            if event is h11.NEED_DATA:
+                async with asyncio.timeout(PROBE_IDLE_TIMEOUT_S):
+                    connection.receive_data(await reader.read(READ_CHUNK_BYTES))
+            elif isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.EndOfMessage) and request is not None:
+                status, content_type, body = probe_response(request.method, request.target, is_ready, registry)
+                headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+                writer.write(connection.send(h11.Response(status_code=status, headers=headers))
+                             + connection.send(h11.Data(data=body)) + connection.send(h11.EndOfMessage()))
+                await writer.drain()
+                if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
+                    return
+                connection.start_next_cycle()
+                request = None
+            elif isinstance(event, h11.ConnectionClosed):
+                return
+            # h11.Data: a probe request has no body worth reading; it is dropped as it comes.
+    except h11.RemoteProtocolError as exc:
+        if connection.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            writer.write(connection.send(h11.Response(status_code=exc.error_status_hint,
+                                                      headers=[(b"content-length", b"0"), (b"connection", b"close")])))
+    except (OSError, TimeoutError, h11.LocalProtocolError):
+        pass
+    finally:
+        writer.close()
+
+
+async def start_probe_server(port: int, is_ready: Callable[[], bool],
+                             registry: prom.CollectorRegistry) -> asyncio.Server:
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await serve_probe_connection(reader, writer, is_ready, registry)
+
+    return await asyncio.start_server(on_connect, "0.0.0.0", port, limit=READ_CHUNK_BYTES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up and shutdown
+
+class StartupError(Exception):
+    """The consumer cannot start (no vLLM server ever came up); exit status 1."""
+
+
+async def run(config: Config) -> None:
+    consumer_id = new_consumer_id()
+    registry = prom.CollectorRegistry()
+    capacity = Capacity(config.servers, config.lease_timeout_s, lease_prefix=f"{consumer_id}.")
+    metrics = Metrics.create(registry, capacity)
+    vllm = VllmClient()
+    dispatcher = Dispatcher(config, consumer_id, capacity, metrics,
+                            fetch_card=lambda: fetch_model_card(vllm, capacity, config.model))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    async with AsyncExitStack() as stack:
+        probe = await start_probe_server(
+            config.probe_port, lambda: dispatcher.is_ready() and capacity.is_any_healthy(), registry)
+        # Not `wait_closed`: since Python 3.12 it also waits for idle keep-alive scrapers to leave.
+        stack.callback(probe.close)
+        log.info("consumer %s for model %s: probes on port %d, %d vLLM server(s)", consumer_id, config.model,
+                 probe.sockets[0].getsockname()[1], len(capacity.servers))
+
+        waiting = asyncio.create_task(wait_for_vllm(vllm, capacity, config.max_vllm_connection_attempts))
+        stack.push_async_callback(cancel_and_wait, waiting)
+        stopping = asyncio.create_task(stop.wait())
+        stack.push_async_callback(cancel_and_wait, stopping)
+        await asyncio.wait([waiting, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            return
+        if not waiting.result():
+            raise StartupError(f"no vLLM server answered GET /health with 200 after "
+                               f"{config.max_vllm_connection_attempts} attempts: "
+                               f"{', '.join(server.url for server in capacity.servers)}")
+        dispatcher.card = await fetch_model_card(vllm, capacity, config.model)
+
+        maintainer = asyncio.create_task(dispatcher.maintain())
+        stack.push_async_callback(cancel_and_wait, maintainer)
+        watcher = asyncio.create_task(watch_servers(vllm, capacity, dispatcher, config.metrics_refresh_s))
+        stack.push_async_callback(cancel_and_wait, watcher)
+
+        done, _ = await asyncio.wait([stopping, maintainer, watcher], return_when=asyncio.FIRST_COMPLETED)
+        log.info("shutting down with %d slot(s) in use", sum(server.in_flight for server in capacity.servers))
+        await dispatcher.shut_down()
+        for task in done - {stopping}:
+            task.result()  # a background task that ended on its own has crashed: surface it
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def main() -> None:
+    try:
+        config = Config.from_env(os.environ)
+    except ConfigError as exc:
+        print(f"consumer: configuration error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    setup_logging(config.log_level)
+    try:
+        uvloop.run(run(config))
+    except StartupError as exc:
+        print(f"consumer: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
