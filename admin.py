@@ -1,0 +1,475 @@
+"""The operator's command for the token database: schema migrations and token management.
+
+    python admin.py migrate                                   create or upgrade the schema (idempotent)
+    python admin.py create NAME --priority P --threshold T    print a new token once; store its hash
+    python admin.py list [--json]                             names and settings, never a secret
+    python admin.py revoke NAME                               the sender stops accepting it
+    python admin.py update NAME [--priority P] [--threshold T]
+    python admin.py load FILE                                 upsert a YAML/JSON token list (Helm job)
+
+The database is `DATABASE_URL` (or `--database-url`), PostgreSQL only.
+
+Invariants: only the SHA-256 hex digest of a token is stored; the only token ever printed is the
+one `create` has just made, alone on stdout so that scripts can capture it. Errors are one line on
+stderr with exit status 1; usage and configuration errors exit with 2.
+
+The sender imports `hash_token` and `load_token_entries` (its TOKENS_FILE mode) from here, so this
+module has no side effect at import and reads the environment only in `main()` or when asked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import secrets
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import yaml
+
+from common.config import ConfigError, env_int
+
+DEFAULT_MAX_PRIORITY = 10
+PG_INTEGER_MAX = 2**31 - 1
+NAME_MAX_CHARS = 200
+TOKEN_MAX_CHARS = 4096
+TOKEN_PREFIX = "sk-"
+TOKEN_ENTRY_KEYS = frozenset({"token", "priority", "threshold", "name"})
+CONNECT_TIMEOUT_S = 10.0
+COMMAND_TIMEOUT_S = 30.0
+# pg_advisory_xact_lock key: two install jobs migrating at once must not race on CREATE TABLE.
+MIGRATION_LOCK_KEY = 0x746F6B656E73  # "tokens"
+
+# The first migration. `IF NOT EXISTS` adopts a table created by hand from the documented schema.
+SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS tokens (
+    id bigserial PRIMARY KEY,
+    name text NOT NULL UNIQUE,
+    token_sha256 text NOT NULL UNIQUE,
+    priority integer NOT NULL CHECK (priority >= 0),
+    threshold integer NOT NULL CHECK (threshold >= 0),
+    created_at timestamptz NOT NULL DEFAULT now(),
+    revoked_at timestamptz
+)
+"""
+
+# Migration N is MIGRATIONS[N - 1]; append new ones, never edit an applied one.
+MIGRATIONS: tuple[str, ...] = (SCHEMA_SQL,)
+
+SCHEMA_VERSION_SQL = """
+CREATE TABLE IF NOT EXISTS schema_version (
+    version integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+class AdminError(Exception):
+    """A failure the operator can act on; `main()` prints it as one line and exits with 1."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    database_url: str
+    max_priority: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokens and their validation (shared with the sender's TOKENS_FILE mode)
+
+def hash_token(token: str) -> str:
+    """The hex SHA-256 of the token's UTF-8 bytes: what the database stores and the sender looks up."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def generate_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def max_priority_from_env(env: Mapping[str, str]) -> int:
+    # The same bounds as the services: RabbitMQ's x-max-priority is at most 255.
+    return env_int(env, "MAX_PRIORITY", DEFAULT_MAX_PRIORITY, minimum=1, maximum=255)
+
+
+def check_token(value: Any) -> str:
+    # The message never repeats the value: it may be a secret.
+    if not isinstance(value, str):
+        raise ValueError("token must be a string (quote it in YAML)")
+    if not value or len(value) > TOKEN_MAX_CHARS or not all("!" <= c <= "~" for c in value):
+        # The sender compares the raw bytes after `Bearer `: spaces and non-ASCII could never match.
+        raise ValueError(f"token must be 1 to {TOKEN_MAX_CHARS} visible ASCII characters, without spaces")
+    return value
+
+
+def check_name(value: Any) -> str:
+    if not isinstance(value, str) or not value or len(value) > NAME_MAX_CHARS:
+        raise ValueError(f"name must be a string of 1 to {NAME_MAX_CHARS} characters")
+    if value != value.strip() or not value.isprintable():
+        raise ValueError(f"name {value!r} must be printable, without surrounding spaces")
+    return value
+
+
+def check_priority(value: Any, max_priority: int) -> int:
+    # bool is an int in Python, and YAML reads `yes` as True.
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= max_priority:
+        raise ValueError(f"priority must be an integer from 0 to MAX_PRIORITY={max_priority}, got {value!r}")
+    return value
+
+
+def check_threshold(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= PG_INTEGER_MAX:
+        raise ValueError(f"threshold must be an integer from 0 to {PG_INTEGER_MAX}, got {value!r}")
+    return value
+
+
+def default_name(token: str) -> str:
+    return f"token-{hash_token(token)[:8]}"
+
+
+def load_token_entries(path: str | os.PathLike[str], max_priority: int | None = None) -> list[dict[str, Any]]:
+    """Reads and validates a YAML or JSON list of `{token, priority, threshold, name}`.
+
+    The shape of the Helm chart's `tokens:` value; `name` defaults to `token-<first 8 hex of the
+    hash>`. Returns dicts with all four keys. Raises OSError when the file cannot be read and
+    ValueError, naming the file and the entry (counted from 1), when it is not valid; neither
+    message contains a token. `max_priority` defaults to MAX_PRIORITY from the environment.
+    """
+    if max_priority is None:
+        max_priority = max_priority_from_env(os.environ)
+    document = parse_token_file(Path(path))
+    if document is None:  # an empty file, e.g. the chart rendering an empty list
+        return []
+    if not isinstance(document, list):
+        raise ValueError(f"{path}: expected a list of {{token, priority, threshold, name}}, "
+                         f"got {type(document).__name__}")
+    entries: list[dict[str, Any]] = []
+    names: dict[str, int] = {}
+    digests: dict[str, int] = {}
+    for number, raw in enumerate(document, start=1):
+        try:
+            entry = validate_token_entry(raw, max_priority)
+        except ValueError as exc:
+            raise ValueError(f"{path}: entry #{number}{describe(raw)}: {exc}") from None
+        digest = hash_token(entry["token"])
+        if entry["name"] in names:
+            raise ValueError(f"{path}: entry #{number}: name {entry['name']!r} is already used by "
+                             f"entry #{names[entry['name']]}")
+        if digest in digests:
+            raise ValueError(f"{path}: entry #{number}{describe(raw)}: same token as entry #{digests[digest]}")
+        names[entry["name"]] = digests[digest] = number
+        entries.append(entry)
+    return entries
+
+
+def parse_token_file(path: Path) -> Any:
+    text = path.read_bytes()
+    try:
+        if path.suffix.lower() == ".json":
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from None
+    except yaml.MarkedYAMLError as exc:
+        # Only the problem and its position: PyYAML's full message quotes the line, maybe a token.
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ValueError(f"{path}: not valid YAML{where}: {exc.problem or exc.context}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid YAML or JSON: {type(exc).__name__}") from None
+
+
+def validate_token_entry(raw: Any, max_priority: int) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ValueError("expected a mapping with token, priority, threshold and optionally name")
+    unknown = sorted(str(key) for key in raw if key not in TOKEN_ENTRY_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key {', '.join(unknown)} (expected token, priority, threshold, name)")
+    for key in ("token", "priority", "threshold"):
+        if key not in raw:
+            raise ValueError(f"missing {key}")
+    token = check_token(raw["token"])
+    name = check_name(raw["name"]) if raw.get("name") is not None else default_name(token)
+    return {"name": name, "token": token, "priority": check_priority(raw["priority"], max_priority),
+            "threshold": check_threshold(raw["threshold"])}
+
+
+def describe(raw: Any) -> str:
+    """` (name 'x')` for an entry that has a readable name, to help find it in a long file."""
+    name = raw.get("name") if isinstance(raw, dict) else None
+    return f" ({name!r})" if isinstance(name, str) and name else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# The database
+
+async def migrate(conn: asyncpg.Connection) -> tuple[int, int]:
+    """Brings the schema to the latest version; returns (version before, version after).
+
+    Idempotent and safe when several jobs run it at once. A database already at a newer version
+    (a rolled-back upgrade) is left untouched, as Flyway ignores "future" migrations.
+    """
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
+        await conn.execute(SCHEMA_VERSION_SQL)
+        before = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
+        for version in range(before + 1, len(MIGRATIONS) + 1):
+            await conn.execute(MIGRATIONS[version - 1])
+            await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
+    return before, max(before, len(MIGRATIONS))
+
+
+async def connect(database_url: str) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(database_url, timeout=CONNECT_TIMEOUT_S, command_timeout=COMMAND_TIMEOUT_S)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # The URL is not repeated: it may hold a password.
+        raise AdminError(f"cannot connect to the database: {exc or type(exc).__name__}") from None
+
+
+async def create_token(conn: asyncpg.Connection, name: str, token: str, priority: int, threshold: int) -> None:
+    try:
+        await conn.execute("INSERT INTO tokens (name, token_sha256, priority, threshold) VALUES ($1, $2, $3, $4)",
+                           name, hash_token(token), priority, threshold)
+    except asyncpg.UniqueViolationError:
+        row = await conn.fetchrow("SELECT revoked_at FROM tokens WHERE name = $1", name)
+        if row is None:
+            raise AdminError("this token is already registered under another name") from None
+        state = " (revoked)" if row["revoked_at"] else ""
+        raise AdminError(f"a token named {name!r} already exists{state}; choose another name") from None
+
+
+async def list_tokens(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+    rows = await conn.fetch("SELECT name, priority, threshold, created_at, revoked_at FROM tokens ORDER BY name")
+    return [dict(row) for row in rows]
+
+
+async def revoke_token(conn: asyncpg.Connection, name: str) -> bool:
+    """Returns False when the token was already revoked (its revocation time is kept)."""
+    row = await conn.fetchrow(
+        "UPDATE tokens SET revoked_at = coalesce(revoked_at, now()) WHERE name = $1 "
+        "RETURNING revoked_at = now() AS revoked_now", name)
+    if row is None:
+        raise AdminError(f"no token named {name!r}")
+    return row["revoked_now"]
+
+
+async def update_token(conn: asyncpg.Connection, name: str, priority: int | None,
+                       threshold: int | None) -> asyncpg.Record:
+    row = await conn.fetchrow(
+        "UPDATE tokens SET priority = coalesce($2, priority), threshold = coalesce($3, threshold) "
+        "WHERE name = $1 RETURNING priority, threshold, revoked_at", name, priority, threshold)
+    if row is None:
+        raise AdminError(f"no token named {name!r}")
+    return row
+
+
+async def load_tokens(conn: asyncpg.Connection, entries: Sequence[Mapping[str, Any]], source: str) -> tuple[int, int]:
+    """Upserts by name in one transaction (all or nothing), un-revoking; returns (created, updated)."""
+    created = 0
+    async with conn.transaction():
+        for number, entry in enumerate(entries, start=1):
+            digest = hash_token(entry["token"])
+            try:
+                # xmax is 0 on a freshly inserted row: tells an insert from an update in one statement.
+                async with conn.transaction():  # a savepoint, so the error below can still query
+                    inserted = await conn.fetchval(
+                        "INSERT INTO tokens (name, token_sha256, priority, threshold) VALUES ($1, $2, $3, $4) "
+                        "ON CONFLICT (name) DO UPDATE SET token_sha256 = EXCLUDED.token_sha256, "
+                        "priority = EXCLUDED.priority, threshold = EXCLUDED.threshold, revoked_at = NULL "
+                        "RETURNING xmax = 0", entry["name"], digest, entry["priority"], entry["threshold"])
+            except asyncpg.UniqueViolationError:
+                owner = await conn.fetchval("SELECT name FROM tokens WHERE token_sha256 = $1", digest)
+                raise AdminError(f"{source}: entry #{number} ({entry['name']!r}): its token is already "
+                                 f"registered under the name {owner!r}") from None
+            created += inserted
+    return created, len(entries) - created
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands: each validates its arguments before connecting, then does one thing
+
+async def command_migrate(args: argparse.Namespace, config: Config) -> int:
+    conn = await connect(config.database_url)
+    try:
+        before, after = await migrate(conn)
+    finally:
+        await conn.close()
+    if after > len(MIGRATIONS):
+        print(f"schema at version {after}, newer than this admin.py ({len(MIGRATIONS)}): left as is", file=sys.stderr)
+    print(f"schema at version {after}" + (f" (was {before})" if before != after else " (up to date)"))
+    return 0
+
+
+async def command_create(args: argparse.Namespace, config: Config) -> int:
+    name = check_argument(check_name, args.name)
+    priority = check_argument(check_priority, args.priority, config.max_priority)
+    threshold = check_argument(check_threshold, args.threshold)
+    token = check_argument(check_token, args.token) if args.token is not None else generate_token()
+    conn = await connect(config.database_url)
+    try:
+        await create_token(conn, name, token, priority, threshold)
+    finally:
+        await conn.close()
+    print(token)
+    print(f"created {name!r} (priority {priority}, threshold {threshold}); the token above is not stored "
+          f"and will not be shown again", file=sys.stderr)
+    return 0
+
+
+async def command_list(args: argparse.Namespace, config: Config) -> int:
+    conn = await connect(config.database_url)
+    try:
+        rows = await list_tokens(conn)
+    finally:
+        await conn.close()
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2 | orjson.OPT_UTC_Z) + b"\n")
+        return 0
+    table = [("NAME", "PRIORITY", "THRESHOLD", "CREATED", "REVOKED")]
+    table += [(row["name"], str(row["priority"]), str(row["threshold"]), format_time(row["created_at"]),
+               format_time(row["revoked_at"])) for row in rows]
+    widths = [max(len(line[column]) for line in table) for column in range(len(table[0]))]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+    return 0
+
+
+async def command_revoke(args: argparse.Namespace, config: Config) -> int:
+    conn = await connect(config.database_url)
+    try:
+        revoked_now = await revoke_token(conn, args.name)
+    finally:
+        await conn.close()
+    print(f"revoked {args.name!r}" if revoked_now else f"{args.name!r} was already revoked")
+    return 0
+
+
+async def command_update(args: argparse.Namespace, config: Config) -> int:
+    priority = None if args.priority is None else check_argument(check_priority, args.priority, config.max_priority)
+    threshold = None if args.threshold is None else check_argument(check_threshold, args.threshold)
+    conn = await connect(config.database_url)
+    try:
+        row = await update_token(conn, args.name, priority, threshold)
+    finally:
+        await conn.close()
+    state = " (revoked)" if row["revoked_at"] else ""
+    print(f"updated {args.name!r}: priority {row['priority']}, threshold {row['threshold']}{state}")
+    return 0
+
+
+async def command_load(args: argparse.Namespace, config: Config) -> int:
+    try:
+        entries = load_token_entries(args.file, config.max_priority)
+    except OSError as exc:
+        raise AdminError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise AdminError(str(exc)) from None
+    conn = await connect(config.database_url)
+    try:
+        created, updated = await load_tokens(conn, entries, args.file)
+    finally:
+        await conn.close()
+    print(f"loaded {len(entries)} tokens from {args.file}: {created} created, {updated} updated")
+    return 0
+
+
+def check_argument(check: Any, *values: Any) -> Any:
+    try:
+        return check(*values)
+    except ValueError as exc:
+        raise AdminError(str(exc)) from None
+
+
+def format_time(value: datetime | None) -> str:
+    return "-" if value is None else value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+def build_parser() -> argparse.ArgumentParser:
+    # Accepted before or after the subcommand; SUPPRESS keeps a subparser from erasing the other.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--database-url", default=argparse.SUPPRESS, metavar="URL",
+                        help="postgresql://user:password@host:5432/db (default: $DATABASE_URL; "
+                             "prefer the variable, arguments are visible to other users)")
+    parser = argparse.ArgumentParser(
+        prog="admin.py", parents=[common],
+        description="Manage the dispatcher's bearer tokens (stored as SHA-256 hashes only).",
+        epilog="Priority: 0..MAX_PRIORITY (env, default 10), higher is served first. Threshold: the longest "
+               "queue a token accepts to join (0 = only when nobody is waiting).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub = commands.add_parser("migrate", parents=[common], help="create or upgrade the schema (idempotent)")
+    sub.set_defaults(run=command_migrate)
+
+    sub = commands.add_parser("create", parents=[common], help="create a token and print it once")
+    sub.add_argument("name")
+    sub.add_argument("--priority", type=int, required=True)
+    sub.add_argument("--threshold", type=int, required=True)
+    sub.add_argument("--token", help="use this token instead of a generated sk-... one")
+    sub.set_defaults(run=command_create)
+
+    sub = commands.add_parser("list", parents=[common], help="list tokens (never their secret)")
+    sub.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+    sub.set_defaults(run=command_list)
+
+    sub = commands.add_parser("revoke", parents=[common], help="revoke a token by name")
+    sub.add_argument("name")
+    sub.set_defaults(run=command_revoke)
+
+    sub = commands.add_parser("update", parents=[common], help="change a token's priority or threshold")
+    sub.add_argument("name")
+    sub.add_argument("--priority", type=int)
+    sub.add_argument("--threshold", type=int)
+    sub.set_defaults(run=command_update)
+
+    sub = commands.add_parser("load", parents=[common],
+                              help="upsert tokens by name from a YAML or JSON list (the Helm chart's `tokens:`)")
+    sub.add_argument("file")
+    sub.set_defaults(run=command_load)
+    return parser
+
+
+def read_config(args: argparse.Namespace, parser: argparse.ArgumentParser, env: Mapping[str, str]) -> Config:
+    database_url = getattr(args, "database_url", None) or env.get("DATABASE_URL", "").strip()
+    if not database_url:
+        parser.error("set DATABASE_URL or pass --database-url (postgresql://...)")
+    if not database_url.startswith(("postgresql://", "postgres://")):
+        parser.error("the database URL must start with postgresql:// (PostgreSQL is the only supported database)")
+    try:
+        max_priority = max_priority_from_env(env)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    return Config(database_url=database_url, max_priority=max_priority)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "update" and args.priority is None and args.threshold is None:
+        parser.error("update: give --priority, --threshold or both")
+    config = read_config(args, parser, os.environ)
+    try:
+        return asyncio.run(args.run(args, config))
+    except AdminError as exc:
+        print(f"admin.py {args.command}: {exc}", file=sys.stderr)
+    except asyncpg.UndefinedTableError:
+        print(f"admin.py {args.command}: the tokens table does not exist; run `python admin.py migrate` first",
+              file=sys.stderr)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        print(f"admin.py {args.command}: database error: {exc or type(exc).__name__}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
