@@ -15,7 +15,8 @@ The client-visible facts it copies are in /work/shared/reference/vllm-rabbitmq-h
 - A client that closes its connection while its request waits or generates aborts it, as in
   vLLM (A.6): the socket is read during every wait, and the request is counted in `disconnects`.
 
-Test-only routes, outside vLLM's surface: GET /_fake/stats, POST /_fake/control, POST /_fake/reset.
+Test-only routes, outside vLLM's surface: GET /_fake/stats, GET /_fake/requests, POST /_fake/control,
+POST /_fake/reset.
 Probes and scrapes (/health, /metrics, /load, /version, /ping) and /_fake/* are not recorded in
 `requests`, so a test sees only what a client sent.
 """
@@ -64,7 +65,8 @@ MAX_RECORDED_REQUESTS = 10_000  # beyond it, the older half of `requests` is dro
 API_KEY_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")     # A.7
 UNRECORDED_PATHS = frozenset({"/health", "/metrics", "/load", "/version", "/ping"})
 FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")     # A.8, request_success_total
-CONTROLLABLE = frozenset({"ttft_ms", "tpot_ms", "max_num_seqs", "slowdown"})
+CONTROLLABLE = frozenset({"ttft_ms", "tpot_ms", "max_num_seqs", "slowdown", "fail_after_tokens",
+                          "drop_requests"})
 
 SERVER_HEADER = (b"server", b"uvicorn")
 JSON_TYPE = (b"content-type", b"application/json")
@@ -93,6 +95,8 @@ class FakeVLLMOptions:
     kind: str = "generate"
     keep_alive_s: float = 5.0       # VLLM_HTTP_TIMEOUT_KEEP_ALIVE (A.0)
     default_max_tokens: int = 16    # a request without max_tokens stops here ("stop"); vLLM runs to EOS
+    fail_after_tokens: int = 0      # > 0: a stream breaks (connection reset) after this many tokens
+    drop_requests: bool = False     # True: API requests get their connection closed, no answer at all
 
     def __post_init__(self) -> None:
         if isinstance(self.served_model_name, str):
@@ -146,6 +150,10 @@ NOT_FOUND_BODY = b'{"detail":"Not Found"}'                 # Starlette's, not vL
 METHOD_NOT_ALLOWED_BODY = b'{"detail":"Method Not Allowed"}'
 UNAUTHORIZED_BODY = b'{"error":"Unauthorized"}'
 UNSUPPORTED_MEDIA_TYPE = "Unsupported Media Type: Only 'application/json' is allowed"
+
+
+class StreamBroken(Exception):
+    """`fail_after_tokens` reached: the stream ends with a reset, as when a vLLM server dies."""
 
 
 class ClientGone(Exception):
@@ -532,6 +540,7 @@ class FakeVLLM:
             "/_fake/stats": {"GET": self.fake_stats},
             "/_fake/control": {"POST": self.fake_control},
             "/_fake/reset": {"POST": self.fake_reset},
+            "/_fake/requests": {"GET": self.fake_requests},
         }
         if self.options.kind == "generate":
             routes["/v1/chat/completions"] = {"POST": self.create_chat_completion}
@@ -588,8 +597,10 @@ class FakeVLLM:
         if unknown:
             raise ValueError(f"cannot change {', '.join(sorted(unknown))}")
         for name, value in changes.items():
-            if name == "healthy":
+            if name in ("healthy", "drop_requests"):
                 valid = type(value) is bool
+            elif name == "fail_after_tokens":
+                valid = type(value) is int and value >= 0
             elif name == "max_num_seqs":
                 valid = type(value) is int
             else:
@@ -655,6 +666,9 @@ class FakeVLLM:
         """Answers one request; False when the connection must not be reused."""
         if request.path not in UNRECORDED_PATHS and not request.path.startswith("/_fake/"):
             self.record(request)
+            if self.options.drop_requests:  # a server that dies on the request: no status line at all
+                conn.writer.transport.abort()
+                return False
         try:
             try:
                 await self.dispatch(conn, request)
@@ -665,6 +679,9 @@ class FakeVLLM:
             await conn.flush()
         except (ClientGone, ConnectionError):
             self.disconnects += 1
+            return False
+        except StreamBroken:
+            conn.writer.transport.abort()
             return False
         finally:
             await conn.stop_watching()
@@ -780,6 +797,9 @@ class FakeVLLM:
                 engine.generation_tokens += 1
                 if on_token is not None:
                     on_token(index)
+                    if index + 1 == self.options.fail_after_tokens:
+                        await conn.flush()
+                        raise StreamBroken()
         except BaseException:
             engine.finished["abort"] += 1
             raise
@@ -986,6 +1006,12 @@ class FakeVLLM:
                              "running": self.engine.running, "waiting": self.engine.waiting,
                              "last_request": last_request})
 
+    async def fake_requests(self, conn: Connection, request: RecordedRequest) -> None:
+        """The recorded API requests in arrival order: method, path, headers and body as text."""
+        conn.send_json(200, [{"method": r.method, "path": r.path,
+                              "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in r.headers],
+                              "body": r.body.decode("utf-8", "replace")} for r in self.requests])
+
     async def fake_control(self, conn: Connection, request: RecordedRequest) -> None:
         try:
             changes = orjson.loads(request.body or b"{}")
@@ -996,7 +1022,8 @@ class FakeVLLM:
             raise bad_request(str(exc)) from None
         options = self.options
         conn.send_json(200, {"healthy": self.healthy, "ttft_ms": options.ttft_ms, "tpot_ms": options.tpot_ms,
-                             "max_num_seqs": options.max_num_seqs, "slowdown": options.slowdown})
+                             "max_num_seqs": options.max_num_seqs, "slowdown": options.slowdown,
+                             "fail_after_tokens": options.fail_after_tokens, "drop_requests": options.drop_requests})
 
     async def fake_reset(self, conn: Connection, request: RecordedRequest) -> None:
         """Clears the test counters; /metrics counters keep counting, as a scraper expects."""

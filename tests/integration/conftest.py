@@ -117,6 +117,7 @@ class Stack:
         return service
 
     def fake_vllm(self, model: str, *extra: str) -> Fake:
+        """A fake vLLM process serving `model`; `extra` are its CLI flags (e.g. "--tpot-ms", "20")."""
         port = free_port()
         service = self._start("fake-vllm", ["tests/fake_vllm.py", "--host", "127.0.0.1", "--port", str(port),
                                             "--model", model, *extra], {}, f"http://127.0.0.1:{port}", "/health")
@@ -128,12 +129,22 @@ class Stack:
             "MODEL": model, "VLLM_URL": vllm_url, "PROBE_PORT": str(port), "RABBITMQ_URL": RABBITMQ_URL,
             "METRICS_REFRESH_SECONDS": "0.2", **env}, f"http://127.0.0.1:{port}", "/ready")
 
-    def sender(self, **env: str) -> Service:
+    def sender(self, health: str = "/health/readiness", **env: str) -> Service:
         port = free_port()
         return self._start("sender", ["sender.py"], {
             "SENDER_HOST": "127.0.0.1", "SENDER_PORT": str(port), "METRICS_PORT": str(free_port()),
             "RABBITMQ_URL": RABBITMQ_URL, "DATABASE_URL": self.database_url, **env},
-            f"http://127.0.0.1:{port}", "/health/readiness")
+            f"http://127.0.0.1:{port}", health)
+
+    def served_model(self, model: str, token: str, fake_args: tuple[str, ...] = (),
+                     consumer_env: dict[str, str] | None = None, sender_env: dict[str, str] | None = None
+                     ) -> tuple[Fake, Service, Service]:
+        """Fake vLLM + consumer + sender for `model`, waited for until the sender lists the model."""
+        fake = self.fake_vllm(model, *fake_args)
+        consumer = self.consumer(model, fake.url, **(consumer_env or {}))
+        sender = self.sender(**(sender_env or {}))
+        self.served(sender, model, token)
+        return fake, consumer, sender
 
     def served(self, sender: Service, model: str, token: str) -> None:
         """Waits until `sender` lists `model` (consumers announce every few seconds)."""
@@ -203,8 +214,32 @@ def stack(tmp_path: Path, database_url: str, request: pytest.FixtureRequest) -> 
     stack.stop()
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
-        for service in stack.services:
-            print(f"----- {service.name} ({service.log_path.name}) -----\n{service.log()}")
+        print_logs(stack)
+
+
+def print_logs(stack: Stack) -> None:
+    for service in stack.services:
+        print(f"----- {service.name} ({service.log_path.name}) -----\n{service.log()}")
+
+
+def queue_ready_count(model: str) -> int:
+    """Requests waiting for `model` in RabbitMQ (ready messages of its queue), read like the sender does."""
+    import asyncio
+
+    import aiormq
+
+    from common.messages import model_queue
+
+    async def count() -> int:
+        connection = await aiormq.connect(RABBITMQ_URL)
+        try:
+            channel = await connection.channel()
+            declared = await channel.queue_declare(model_queue(model), passive=True)
+            return declared.message_count or 0
+        finally:
+            await connection.close()
+
+    return asyncio.run(count())
 
 
 @pytest.fixture
