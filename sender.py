@@ -190,6 +190,7 @@ class Metrics:
     grant_wait: prom.Histogram
     time_to_first_byte: prom.Histogram
     in_flight: prom.Gauge
+    queue_waiting: prom.Gauge
 
     @classmethod
     def create(cls, registry: prom.CollectorRegistry) -> Metrics:
@@ -205,6 +206,9 @@ class Metrics:
                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)),
             in_flight=prom.Gauge("dispatcher_requests_in_flight", "Requests holding a grant, by model.",
                                  ["model"], registry=registry),
+            queue_waiting=prom.Gauge("dispatcher_queue_waiting", "Requests waiting in the model's queue, "
+                                     "as the threshold check sees it (refreshed every 100 ms).", ["model"],
+                                     registry=registry),
         )
 
 
@@ -355,8 +359,9 @@ class CapacityClient:
       waiting request is failed with 503 (its grant, if any comes, went to a dead channel).
     """
 
-    def __init__(self, url: str, max_priority: int, reconnect_attempts: int) -> None:
+    def __init__(self, url: str, max_priority: int, reconnect_attempts: int, queue_waiting: prom.Gauge) -> None:
         self._url = url
+        self._queue_waiting = queue_waiting
         self._max_priority = max_priority
         self._reconnect_attempts = reconnect_attempts
         self._rpc: aiormq.abc.AbstractChannel | None = None
@@ -521,12 +526,15 @@ class CapacityClient:
                     probe = await connection.channel(publisher_confirms=False)
                 try:
                     declared = await probe.queue_declare(model_queue(model), passive=True)
-                    self._queue_lengths[model] = declared.message_count or 0
+                    waiting = declared.message_count or 0
                 except aiormq.exceptions.ChannelNotFoundEntity:
-                    self._queue_lengths[model] = 0  # the 404 closed the probe channel; reopened above
+                    waiting = 0  # the 404 closed the probe channel; it is reopened above
+                self._queue_lengths[model] = waiting
+                self._queue_waiting.labels(model).set(waiting)
             for model in list(self._queue_lengths):
-                if model not in self._models:
+                if not self.is_live(model):
                     del self._queue_lengths[model]
+                    self._queue_waiting.remove(model)
             await asyncio.sleep(QUEUE_LENGTH_REFRESH_S)
 
     def _fail_pending(self) -> None:
@@ -657,13 +665,14 @@ class ClientGone(Exception):
 class ClientConnection:
     """One client socket with its h11 state; the only place client-side h11 events are built."""
 
-    __slots__ = ("reader", "writer", "h11", "idle")
+    __slots__ = ("reader", "writer", "h11", "idle", "status")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         self.idle = False  # waiting for the first byte of a request: safe to close at shutdown
+        self.status = 0    # of the last response the sender answered itself, for the access log
 
     async def read_head(self) -> Any:
         """The next request head: the keep-alive timeout runs until its first byte, then the head timeout."""
@@ -718,12 +727,14 @@ class ClientConnection:
         return self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE)
 
     async def send_json(self, status: int, payload: Any) -> None:
+        self.status = status
         body = orjson.dumps(payload)
         self.write(h11.Response(status_code=status, headers=[*JSON_HEADERS, (b"content-length", str(len(body)).encode())]))
         self.write(h11.Data(data=body))
         await self.send(h11.EndOfMessage())
 
     async def send_error(self, error: ApiError) -> None:
+        self.status = error.status
         response, body = render_error(error)
         self.write(response)
         self.write(h11.Data(data=body))
@@ -1072,6 +1083,7 @@ async def serve_connection(service: Service, client: ClientConnection) -> None:
             return
         request = Request(event.method, event.target, list(event.headers), event.http_version)
         outcome: dict[str, Any] = {"model": "-", "priority": "-", "status": 0}
+        client.status = 0
         started = time.monotonic()
         hangup = HangupWatch(client, this_task)
         try:
@@ -1100,6 +1112,7 @@ async def serve_connection(service: Service, client: ClientConnection) -> None:
             raise
         finally:
             await hangup.stop()
+            outcome["status"] = outcome["status"] or client.status
             log_outcome(service, request, outcome, started)
         if hangup.hung_up:
             return  # the hang-up came after the last await: its cancel is still pending
@@ -1155,9 +1168,10 @@ def log_outcome(service: Service, request: Request, outcome: dict[str, Any], sta
     model = outcome["model"]
     if model != "-":
         service.metrics.requests.labels(model, str(status), str(outcome["priority"])).inc()
-    log.info("%s %s model=%s priority=%s status=%s %.1fms", request.method.decode(),
-             request.target.split(b"?", 1)[0].decode("latin-1"), model, outcome["priority"], status,
-             (time.monotonic() - started) * 1000)
+    path = request.target.split(b"?", 1)[0]
+    log.log(logging.DEBUG if path.startswith(b"/health/") else logging.INFO,  # probes would drown the rest
+            "%s %s model=%s priority=%s status=%s %.1fms", request.method.decode(), path.decode("latin-1"),
+            model, outcome["priority"], status, (time.monotonic() - started) * 1000)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1179,7 +1193,8 @@ async def run(config: Config) -> None:
         else:
             assert config.tokens_file is not None
             tokens = TokenStore.from_file(config.tokens_file, config.token_cache_s, config.max_priority)
-        capacity = CapacityClient(config.rabbitmq_url, config.max_priority, config.rpc_reconnect_attempts)
+        capacity = CapacityClient(config.rabbitmq_url, config.max_priority, config.rpc_reconnect_attempts,
+                                  metrics.queue_waiting)
         upstream = UpstreamPool()
         stack.callback(upstream.close)
         service = Service(config, tokens, capacity, upstream, metrics)

@@ -54,9 +54,10 @@ class Service:
     process: subprocess.Popen[bytes]
     log_path: Path
     url: str
+    metrics_url: str = ""
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:]
+        return self.log_path.read_text(errors="replace")[-20000:]
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -130,11 +131,13 @@ class Stack:
             "METRICS_REFRESH_SECONDS": "0.2", **env}, f"http://127.0.0.1:{port}", "/ready")
 
     def sender(self, health: str = "/health/readiness", **env: str) -> Service:
-        port = free_port()
-        return self._start("sender", ["sender.py"], {
-            "SENDER_HOST": "127.0.0.1", "SENDER_PORT": str(port), "METRICS_PORT": str(free_port()),
+        port, metrics_port = free_port(), free_port()
+        service = self._start("sender", ["sender.py"], {
+            "SENDER_HOST": "127.0.0.1", "SENDER_PORT": str(port), "METRICS_PORT": str(metrics_port),
             "RABBITMQ_URL": RABBITMQ_URL, "DATABASE_URL": self.database_url, **env},
             f"http://127.0.0.1:{port}", health)
+        service.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        return service
 
     def served_model(self, model: str, token: str, fake_args: tuple[str, ...] = (),
                      consumer_env: dict[str, str] | None = None, sender_env: dict[str, str] | None = None
@@ -152,7 +155,7 @@ class Stack:
             request = urllib.request.Request(sender.url + "/v1/models", headers={"authorization": f"Bearer {token}"})
             with urllib.request.urlopen(request, timeout=2) as response:
                 return model in [m["id"] for m in json.loads(response.read())["data"]]
-        wait_until(listed, timeout_s=15, what=f"{model} to be listed by the sender")
+        wait_until(listed, timeout_s=15, interval_s=0.2, what=f"{model} to be listed by the sender")
 
     def stop(self) -> None:
         for service in reversed(self.services):
@@ -220,6 +223,17 @@ def stack(tmp_path: Path, database_url: str, request: pytest.FixtureRequest) -> 
 def print_logs(stack: Stack) -> None:
     for service in stack.services:
         print(f"----- {service.name} ({service.log_path.name}) -----\n{service.log()}")
+
+
+def metric_value(service: Service, sample: str) -> float | None:
+    """The value of one Prometheus sample (name with labels, as exposed) on a service's metrics port."""
+    status, body = http_get(service.metrics_url)
+    assert status == 200
+    for line in body.decode().splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
+    return None
 
 
 def queue_ready_count(model: str) -> int:

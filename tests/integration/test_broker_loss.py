@@ -1,0 +1,109 @@
+"""When the sender loses RabbitMQ: waiting clients are answered 503, never left hanging; readiness turns red."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import threading
+import time
+import urllib.parse
+
+import openai
+
+from tests.helpers import wait_until
+from tests.integration.conftest import RABBITMQ_URL, Stack, Tokens, http_get, queue_ready_count
+
+PROMPT = [{"role": "user", "content": "hello"}]
+
+
+class CuttableLink:
+    """A TCP relay between the sender and RabbitMQ that the test can cut, like a network failure."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.is_cut = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.is_cut:
+                client.close()
+                return
+            upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        self.is_cut = True
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() (close() alone does not)
+        except OSError:
+            pass
+        self.listener.close()
+        with self.lock:
+            for sock in self.sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+
+def test_broker_loss_answers_waiting_requests_with_503(stack: Stack, tokens: Tokens, unique_model: str) -> None:
+    url = urllib.parse.urlsplit(RABBITMQ_URL)
+    link = CuttableLink(url.hostname or "127.0.0.1", url.port or 5672)
+    linked_url = url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{link.port}").geturl()
+    fake = stack.fake_vllm(unique_model, "--tpot-ms", "20")
+    stack.consumer(unique_model, fake.url, MAX_PARALLEL_REQUESTS="1")
+    sender = stack.sender(RABBITMQ_URL=linked_url, RPC_RECONNECT_ATTEMPTS="2")
+    stack.served(sender, unique_model, tokens.high)
+    client = openai.OpenAI(base_url=sender.url + "/v1", api_key=tokens.high, max_retries=0, timeout=60)
+
+    held = client.chat.completions.create(model=unique_model, messages=PROMPT, max_tokens=500, stream=True)
+    next(iter(held))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        waiting = pool.submit(client.chat.completions.create, model=unique_model, messages=PROMPT, max_tokens=1)
+        wait_until(lambda: queue_ready_count(unique_model) == 1, what="a request to be waiting")
+        link.cut()
+        started = time.monotonic()
+        try:
+            waiting.result(20)
+            raise AssertionError("a request waiting when the broker was lost was served")
+        except openai.InternalServerError as error:
+            assert error.status_code == 503 and error.body["code"] == "queue_unavailable"
+            assert int(error.response.headers["retry-after"]) >= 1
+        assert time.monotonic() - started < 5
+
+    try:
+        client.chat.completions.create(model=unique_model, messages=PROMPT, max_tokens=1)
+        raise AssertionError("served without a broker")
+    except openai.InternalServerError as error:
+        assert error.status_code == 503
+    wait_until(lambda: http_get(sender.url + "/health/readiness")[0] == 503, timeout_s=20,
+               what="readiness to turn red")
+    assert http_get(sender.url + "/health/liveness")[0] == 200
+    held.close()
