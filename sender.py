@@ -475,12 +475,16 @@ class CapacityClient:
     # -- connection lifecycle --
 
     async def maintain(self) -> None:
-        """Connects, and reconnects with back-off for as long as the process runs."""
+        """Connects, and reconnects with back-off for as long as the process runs.
+
+        This is a supervisor: any failure of a connection attempt or of a live connection (aiormq
+        raises several unrelated exception families) leads to the next attempt, never to its end.
+        """
         delay = RECONNECT_DELAY_MIN_S
         while True:
             try:
                 connection = await aiormq.connect(self._url)
-            except (aiormq.exceptions.AMQPError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - see the docstring
                 self._failures += 1
                 log.warning("RabbitMQ unreachable (%s, attempt %d); retrying in %.1fs",
                             type(exc).__name__, self._failures, delay)
@@ -489,7 +493,7 @@ class CapacityClient:
                 continue
             try:
                 await self._serve(connection)
-            except (aiormq.exceptions.AMQPError, OSError, RuntimeError) as exc:
+            except Exception as exc:  # noqa: BLE001 - see the docstring
                 log.warning("RabbitMQ connection lost: %s", type(exc).__name__)
             finally:
                 self._rpc = self._release = None
@@ -519,16 +523,21 @@ class CapacityClient:
             await asyncio.gather(poller, return_exceptions=True)
 
     async def _poll_queue_lengths(self, connection: aiormq.abc.AbstractConnection) -> None:
+        """Reads the ready count of each live model's queue every 100 ms, on a channel of its own
+        (a passive declare of a missing queue closes its channel with a 404)."""
         probe: aiormq.abc.AbstractChannel | None = None
         while True:
             for model in self.live_models():
-                if probe is None or probe.is_closed:
-                    probe = await connection.channel(publisher_confirms=False)
                 try:
+                    if probe is None or probe.is_closed:
+                        probe = await connection.channel(publisher_confirms=False)
                     declared = await probe.queue_declare(model_queue(model), passive=True)
                     waiting = declared.message_count or 0
                 except aiormq.exceptions.ChannelNotFoundEntity:
-                    waiting = 0  # the 404 closed the probe channel; it is reopened above
+                    waiting = 0  # no queue yet, or no more: nobody waits
+                except (aiormq.exceptions.AMQPError, RuntimeError) as exc:
+                    log.debug("queue length of %s unknown: %s", model, type(exc).__name__)
+                    continue  # keep the last count; the connection supervisor handles a dead link
                 self._queue_lengths[model] = waiting
                 self._queue_waiting.labels(model).set(waiting)
             for model in list(self._queue_lengths):
@@ -1167,7 +1176,9 @@ def log_outcome(service: Service, request: Request, outcome: dict[str, Any], sta
     status = outcome["status"]
     model = outcome["model"]
     if model != "-":
-        service.metrics.requests.labels(model, str(status), str(outcome["priority"])).inc()
+        # Only served models become label values: clients choose the model string.
+        label = model if service.capacity.is_live(model) else "(not served)"
+        service.metrics.requests.labels(label, str(status), str(outcome["priority"])).inc()
     path = request.target.split(b"?", 1)[0]
     log.log(logging.DEBUG if path.startswith(b"/health/") else logging.INFO,  # probes would drown the rest
             "%s %s model=%s priority=%s status=%s %.1fms", request.method.decode(), path.decode("latin-1"),

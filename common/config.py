@@ -7,7 +7,6 @@ start-up with its message and exit status 2.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Mapping
 from urllib.parse import quote

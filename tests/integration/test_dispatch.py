@@ -11,10 +11,11 @@ from dataclasses import dataclass
 import openai
 import pytest
 
-from tests.helpers import RawClient, header
+from tests.helpers import RawClient
 from tests.integration.conftest import Fake, Service, Stack, Tokens, http_get, print_logs
 
 PROMPT = [{"role": "user", "content": "Say something"}]
+VLLM_KEY = "vllm-server-key"
 
 
 @dataclass
@@ -40,9 +41,10 @@ def shared(tmp_path_factory: pytest.TempPathFactory, database_url: str, tokens: 
     stack = Stack(tmp_path_factory.mktemp("shared"), database_url)
     model, embed_model = f"it-chat-{uuid.uuid4().hex[:8]}", f"it-embed-{uuid.uuid4().hex[:8]}"
     try:
-        fake = stack.fake_vllm(model)
+        # The chat server requires an API key: the consumer's VLLM_API_KEY reaches it through the grant.
+        fake = stack.fake_vllm(model, "--api-key", VLLM_KEY)
         embed_fake = stack.fake_vllm(embed_model, "--kind", "embed")
-        stack.consumer(model, fake.url)
+        stack.consumer(model, fake.url, VLLM_API_KEY=VLLM_KEY)
         stack.consumer(embed_model, embed_fake.url)
         sender = stack.sender()
         stack.served(sender, model, tokens.high)
@@ -56,7 +58,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory, database_url: str, tokens: 
 
 
 def direct(fake: Fake) -> openai.OpenAI:
-    return openai.OpenAI(base_url=fake.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    return openai.OpenAI(base_url=fake.url + "/v1", api_key=VLLM_KEY, max_retries=0, timeout=30)
 
 
 def test_chat_completion_is_vllms_answer(shared: Shared, tokens: Tokens) -> None:

@@ -55,7 +55,7 @@ def test_higher_priority_is_served_first(stack: Stack, tokens: Tokens, unique_mo
     lows = []
     for index in range(3):
         lows.append(pool.submit(ask, sender, tokens.low, unique_model, f"low-{index}"))
-        wait_until(lambda: queue_ready_count(unique_model) == index + 1, what=f"low-{index} to be queued")
+        wait_until(lambda queued=index + 1: queue_ready_count(unique_model) == queued, what=f"low-{index} to be queued")
     high = pool.submit(ask, sender, tokens.high, unique_model, "high")
     wait_until(lambda: queue_ready_count(unique_model) == 4, what="the high request to be queued")
     held.close()  # the client leaves: the slot is released
