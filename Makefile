@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test unit bench clean
+.PHONY: run test unit bench bench-short clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ test: $(VENV)/.installed
 # Tests that need no service.
 unit: $(VENV)/.installed
 	$(PY) -m pytest tests/unit tests/proxy
+
+# The dispatcher against the fake vLLM directly and against its floor (bench/RESULTS.md); needs wrk.
+bench: $(VENV)/.installed
+	$(PY) bench/run.py
+
+# The same in a few seconds per workload (CI keeps it working; timings are not judged there).
+bench-short: $(VENV)/.installed
+	$(PY) bench/run.py --short
 
 clean:
 	rm -rf $(VENV) .pytest_cache

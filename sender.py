@@ -77,6 +77,7 @@ SHUTDOWN_GRACE_S = 25.0
 RECONNECT_DELAY_MIN_S = 0.5
 RECONNECT_DELAY_MAX_S = 10.0
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+RELEASE_PROPERTIES = spec.Basic.Properties(delivery_mode=1, message_id="release")  # aiormq would draw a uuid
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus the framing headers we set anew on each side.
 HOP_BY_HOP = frozenset({
@@ -410,8 +411,10 @@ class CapacityClient:
                 delivery_mode=1)
             try:
                 async with asyncio.timeout_at(deadline):
+                    # wait=False: no wait for the socket write; the broker's confirm is still awaited,
+                    # and with mandatory=True a missing queue comes back as PublishError.
                     await channel.basic_publish(encode(GrantRequest(priority)), routing_key=model_queue(model),
-                                                properties=properties, mandatory=True)
+                                                properties=properties, mandatory=True, wait=False)
                     return await future
             except TimeoutError:
                 raise ApiError(503, f"No capacity for model `{model}` was granted in time; try again later.",
@@ -437,7 +440,7 @@ class CapacityClient:
             return  # the consumer's lease time-out frees the slot
         try:
             await channel.basic_publish(encode(Release(grant.lease)), routing_key=grant.release_to,
-                                        properties=spec.Basic.Properties(delivery_mode=1))
+                                        properties=RELEASE_PROPERTIES, wait=False)
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             log.warning("release of a grant failed: %s", type(exc).__name__)
 
@@ -914,7 +917,9 @@ def upstream_request(request: Request, body: bytes, origin: Origin, grant: Grant
         headers.append((b"authorization", b"Bearer " + grant.api_key.encode()))
     if grant.vllm_priority is not None:
         headers.append((b"x-vllm-priority", str(grant.vllm_priority).encode()))
-    return h11.Request(method=request.method, target=request.target, headers=headers)
+    # _parsed=True: h11 skips re-validating each header with its regexes. Every name and value here
+    # was validated by h11 when the client's request was parsed, or is ours (host, length, key).
+    return h11.Request(method=request.method, target=request.target, headers=headers, _parsed=True)
 
 
 def response_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -953,7 +958,7 @@ async def relay_response(client: ClientConnection, connection: UpstreamConnectio
                          timeout_s: float) -> None:
     """Streams vLLM's response to the client as it arrives, with back-pressure on a slow client."""
     client.write(h11.Response(status_code=head.status_code, headers=response_headers(head.headers),
-                              reason=head.reason))
+                              reason=head.reason, _parsed=True))  # headers h11 parsed, as above
     await client.drain()
     upstream = connection.h11
     reader = connection.reader

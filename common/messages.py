@@ -30,6 +30,7 @@ ANNOUNCE_TTL_S = 10.0
 # before sending; a model id that cannot name a queue cannot be served.
 _QUEUE_NAME = re.compile(r"^[a-zA-Z0-9\-_.:@#,/+ ]*$")
 _MAX_QUEUE_NAME_BYTES = 255
+_HEADER_SAFE = re.compile(r"^[\x21-\x7e]+$")  # visible ASCII: no space, no CR/LF
 
 
 class MessageError(ValueError):
@@ -103,13 +104,17 @@ def decode_grant_request(body: bytes) -> GrantRequest:
 
 def decode_grant(body: bytes) -> Grant:
     f = _fields(body)
-    return Grant(
+    grant = Grant(
         lease=_typed(f, "lease", str),
         url=_typed(f, "url", str),
         api_key=_typed(f, "api_key", str, optional=True),
         release_to=_typed(f, "release_to", str),
         vllm_priority=_typed(f, "vllm_priority", int, optional=True),
     )
+    # The sender writes these into an HTTP head: nothing that could end a header line.
+    if not _HEADER_SAFE.match(grant.url) or (grant.api_key is not None and not _HEADER_SAFE.match(grant.api_key)):
+        raise MessageError("url or api_key holds characters not allowed in an HTTP header")
+    return grant
 
 
 def decode_release(body: bytes) -> Release:

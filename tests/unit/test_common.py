@@ -73,6 +73,8 @@ def test_messages_round_trip(message) -> None:
     pytest.param(messages.decode_grant, b'{"lease": 1, "url": "u", "release_to": "q"}', id="wrong-type"),
     pytest.param(messages.decode_grant_request, b'{"priority": true}', id="bool-is-not-int"),
     pytest.param(messages.decode_release, b"{}", id="missing-field"),
+    pytest.param(messages.decode_grant, b'{"lease": "l", "url": "http://h", "release_to": "q", '
+                 b'"api_key": "k\\r\\nX-Injected: 1", "vllm_priority": null}', id="header-injection-key"),
     pytest.param(messages.decode_announcement, b'{"model": "m", "consumer": "c", "card": {}, "alive": 1}',
                  id="alive-not-bool"),
 ])
