@@ -105,7 +105,7 @@ async def test_upstream_failure_mid_stream_closes_without_final_chunk(start_prox
     async def handler(reader, writer):
         await scripted.read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-                     b"e\r\ndata: first\n\n\r\n")
+                     b"d\r\ndata: first\n\n\r\n")
         await writer.drain()
         writer.transport.abort()
 
@@ -358,3 +358,38 @@ async def test_models_need_a_token_and_list_live_models(start_proxy) -> None:
     assert response.status_code == 200 and json.loads(body)["id"] == MODEL
     response, body = await client.request("GET", "/v1/models/other", [AUTH])
     assert response.status_code == 404 and json.loads(body)["error"]["code"] == "model_not_found"
+
+
+async def test_shutdown_closes_idle_connections_and_lets_streams_finish(start_proxy, upstream) -> None:
+    """Readiness turns red, idle keep-alive connections close, a response in progress completes."""
+    release = asyncio.Event()
+
+    async def handler(reader, writer):
+        await scripted.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                     b"d\r\ndata: first\n\n\r\n")
+        await writer.drain()
+        await release.wait()
+        writer.write(b"c\r\ndata: last\n\n\r\n0\r\n\r\n")
+        await writer.drain()
+
+    scripted, url = await upstream(handler)
+    proxy = await start_proxy(url)
+    idle = await RawClient.connect(proxy.port)
+    response, _ = await idle.request("GET", "/health/liveness", [])
+    assert response.status_code == 200
+    streaming = await RawClient.connect(proxy.port)
+    request = streaming.h11.send(h11.Request(method="POST", target="/v1/chat/completions",
+                                             headers=[("host", "t"), AUTH, JSON, ("content-length", str(len(CHAT)))]))
+    streaming.writer.write(request + CHAT)
+    await async_wait_until(lambda: len(scripted.requests) == 1, what="the request upstream")
+
+    shutdown = asyncio.create_task(proxy.server.shut_down())
+    assert await asyncio.wait_for(idle.reader.read(), 5) == b""  # the idle connection is closed at once
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", proxy.port)
+    assert not shutdown.done()  # the stream is still running
+    release.set()
+    response, body = await streaming.read_response()
+    assert response.status_code == 200 and body == b"data: first\n\ndata: last\n\n"
+    await asyncio.wait_for(shutdown, 5)
