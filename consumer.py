@@ -3,27 +3,41 @@
 It runs beside the vLLM server(s) of one model. Senders put one tiny grant request per client
 request on the model's priority queue; the consumer takes a request off the queue only when one of
 its servers can take it at once, answers with a grant naming that server, and counts the slot as
-used until the sender's release (or the lease timeout) frees it.
+used until the sender's release, or until vLLM reports the request gone.
 
     delivery -> decode -> pick server -> record lease -> publish grant to reply_to
       -> cancel the queue consumer if that was the last free slot -> ack
 
-Invariants:
-- No priority inversion. With prefetch 1, the model queue is consumed only while some server has
-  room, and the consumer is cancelled *before* acking the request that took the last slot. While
-  every server is full nothing is held unacked, so a high-priority request that arrives later is the
-  next one the broker delivers (RabbitMQ never reorders messages already delivered).
-- Every decision (which server, may I grant now, which leases expired) is made by `Capacity`, which
-  does no I/O and takes the time as an argument. The AMQP handlers only decode, decide, reply and
-  ack, one at a time under one lock (aiormq runs each delivery in its own task).
-- A slot counts from its grant to its release. A lost release (sender crash, broker reconnect)
-  frees the slot after LEASE_TIMEOUT_SECONDS, so a slot never leaks forever. Leases survive broker
-  reconnects: the requests still run on vLLM.
-- A server whose /health fails gets no grant; with no healthy server the queue is not consumed.
+A server takes a new request when (`Server.blocked_reason`, read every METRICS_REFRESH_SECONDS from
+vLLM's /health and /metrics): it is healthy, below MAX_PARALLEL_REQUESTS, vLLM has nothing waiting
+(`vllm:num_requests_waiting`), and the speed each running request gets, the rate of
+`vllm:generation_tokens_total` over the last second (or refresh) divided by the requests running
+now, is at least MIN_TOKENS_PER_SECOND_PER_USER. Requests granted since the last reading count as
+running, and at most max(GRANTS_PER_READING_MIN, load) are granted per reading, so a stale good
+reading cannot flood a server. A server with nothing running always qualifies.
 
-Known limitations: the speed rule (MIN_TOKENS_PER_SECOND_PER_USER from vLLM's /metrics) is parsed
-and the metrics are sampled, but not yet applied (see `Server.can_take`). A grant to a sender that
-vanished (direct reply-to drops it silently) holds its slot until the lease timeout.
+Invariants:
+- No priority inversion. With prefetch 1, the model queue is consumed only while some server can
+  take a request, and the consumer is cancelled *before* acking the request that took the last
+  slot. While no server can take one (full, or too slow), nothing is held unacked, so a
+  high-priority request that arrives later is the next one the broker delivers (RabbitMQ never
+  reorders messages already delivered); the rule is checked again at every reading and release.
+- Every decision (which server, may I grant now, which slots are really in use) is made by
+  `Capacity`, which does no I/O and takes the time as an argument. The AMQP handlers only decode,
+  decide, reply and ack, one at a time under one lock (aiormq runs each delivery in its own task).
+- Slots are exact. A slot counts from its grant to its release, and every reading reconciles the
+  leases with vLLM's own count (running + waiting): a lease old enough to have reached vLLM that
+  vLLM no longer has frees its slot (a lost release: sender killed, network cut); requests vLLM has
+  that no lease explains (a consumer restarted, another consumer) count against the cap. Leases
+  survive broker reconnects: the requests still run on vLLM.
+- A server whose /health or /metrics fails gets no grant; with none healthy the queue is not consumed
+  and readiness is red: requests wait in the queue (or time out with 503), they never fail with 502.
+
+Known limitations: the rule reads vLLM's figures once per refresh, so it reacts within a refresh
+or two. Several consumers granting on one server each see the others' requests only at the next
+reading, and may overshoot the cap by a few grants in between. vLLM's gauges are refreshed by its
+engine steps, so after every running request was aborted they may stay stale until the next request
+(vLLM issue #22545): when no token moved for STALE_GAUGES_S the gauges are taken as zero.
 """
 
 from __future__ import annotations
@@ -31,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import os
 import re
 import signal
@@ -39,6 +54,7 @@ import ssl
 import sys
 import time
 import urllib.parse
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -62,7 +78,14 @@ from common.messages import (ANNOUNCE_EXCHANGE, ANNOUNCE_INTERVAL_S, ANNOUNCE_TT
 
 log = logging.getLogger("consumer")
 
-DEFAULT_MAX_PARALLEL_REQUESTS = 16
+DEFAULT_MAX_PARALLEL_REQUESTS = 64           # a backstop: below it, the speed rule and vLLM's queue decide
+DEFAULT_MIN_TOKENS_PER_SECOND_PER_USER = 10.0  # a little faster than anyone reads (about 7 words a second)
+DEFAULT_LEASE_TIMEOUT_S = 3600.0    # bookkeeping only: vLLM's counts free lost slots, in seconds
+GRANTS_PER_READING_MIN = 4          # with the speed rule, new grants per reading: max(this, load at the reading)
+LEASE_GRACE_MIN_S = 1.0             # a younger lease may not have reached vLLM's counts yet...
+LEASE_GRACE_REFRESHES = 3           # ...nor one granted within this many metrics refreshes
+RATE_WINDOW_S = 1.0                 # the generation rate is taken over at least this long (and one refresh)
+STALE_GAUGES_S = 30.0               # running > 0 with no token counted this long: vLLM's gauges are stale
 VLLM_HTTP_TIMEOUT_S = 5.0           # one GET to vLLM; with a 1 s refresh, readiness is red within 10 s
 VLLM_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 VLLM_STARTUP_RETRY_S = 1.0          # between /health attempts at start-up
@@ -81,6 +104,7 @@ SHUTDOWN_TIMEOUT_S = 5.0
 VLLM_RUNNING = "vllm:num_requests_running"
 VLLM_WAITING = "vllm:num_requests_waiting"
 VLLM_GENERATION_TOKENS = "vllm:generation_tokens_total"
+VLLM_PROMPT_TOKENS = "vllm:prompt_tokens_total"
 
 JSON_CONTENT_TYPE = b"application/json"
 _CONSUMER_ID_UNSAFE = re.compile(r"[^a-zA-Z0-9\-_.]")
@@ -124,13 +148,14 @@ class Config:
         return cls(
             model=model,
             servers=read_servers(env, max_parallel),
-            min_tokens_per_second_per_user=env_float(env, "MIN_TOKENS_PER_SECOND_PER_USER", 0.0, minimum=0),
+            min_tokens_per_second_per_user=env_float(env, "MIN_TOKENS_PER_SECOND_PER_USER",
+                                                     DEFAULT_MIN_TOKENS_PER_SECOND_PER_USER, minimum=0),
             metrics_refresh_s=env_float(env, "METRICS_REFRESH_SECONDS", 1.0, minimum=0.01),
             rpc_queue_expiration_ms=env_int(env, "RPC_QUEUE_EXPIRATION", 30_000, minimum=1000),
             probe_port=env_int(env, "PROBE_PORT", 8081, minimum=0, maximum=65535),
             max_vllm_connection_attempts=env_int(env, "MAX_VLLM_CONNECTION_ATTEMPTS", 100, minimum=1),
             forward_priority=env_bool(env, "FORWARD_PRIORITY", False),
-            lease_timeout_s=env_float(env, "LEASE_TIMEOUT_SECONDS", 900.0, minimum=0.001),
+            lease_timeout_s=env_float(env, "LEASE_TIMEOUT_SECONDS", DEFAULT_LEASE_TIMEOUT_S, minimum=0.001),
             rabbitmq_url=rabbitmq_url(env),
             rpc_reconnect_attempts=env_int(env, "RPC_RECONNECT_ATTEMPTS", 10, minimum=1),
             max_priority=env_int(env, "MAX_PRIORITY", 10, minimum=1, maximum=255),
@@ -197,67 +222,139 @@ def new_consumer_id() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Decisions: which server, may I grant now, which leases expired. No I/O; time is an argument.
+# Decisions: which server, may I grant now, which slots are really in use. No I/O; time is an argument.
 
 @dataclass(frozen=True, slots=True)
 class MetricsSample:
-    """What vLLM's /metrics said, summed over engines; the speed rule's input."""
+    """What vLLM's /metrics said, summed over engines: the speed rule's and the slot count's input."""
     running: float
     waiting: float
     generation_tokens_total: float
+    prompt_tokens_total: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SampleOutcome:
+    """What `Capacity.record_sample` found, for the caller to log and count."""
+    freed: list[str]           # leases whose request vLLM no longer has (their release was lost)
+    counters_reset: bool       # the token counters went down: vLLM restarted
+    gauges_stale: bool         # running/waiting frozen while no token moves (vLLM issue #22545)
 
 
 @dataclass(slots=True)
 class Server:
+    """One vLLM server: its health, its last reading, and the slots granted on it.
+
+    `load` is what counts against the cap: our leases, plus the requests vLLM had at the last
+    reading that none of our leases explains (granted by another consumer, or by this one before a
+    restart). A release frees its slot at once; vLLM's own counts correct the rest at each reading.
+    """
     url: str
     api_key: str | None
     max_parallel: int
+    counters: deque[tuple[float, float, float]]  # (read at, generation total, prompt total), the rate window
     healthy: bool = False
     health_changed_at: float = 0.0
-    leases: dict[str, float] = field(default_factory=dict)  # lease id -> granted at (monotonic)
+    leases: dict[str, float] = field(default_factory=dict)  # lease id -> granted at (monotonic), oldest first
     sample: MetricsSample | None = None
-    sampled_at: float = 0.0
+    sampled_at: float = 0.0           # when the reading of `sample` was sent
+    foreign: int = 0                  # requests in vLLM at that reading that hold none of our leases
+    load_at_reading: int = 0
+    counters_moved_at: float = 0.0
+    missing: int = 0                  # settled leases vLLM did not have at the last reading
 
     @property
     def in_flight(self) -> int:
         return len(self.leases)
 
     @property
-    def headroom(self) -> int:
-        return self.max_parallel - len(self.leases)
+    def load(self) -> int:
+        return len(self.leases) + self.foreign
 
-    def can_take(self) -> bool:
-        # Next: and the speed rule on `sample` (tokens/s per running request, nothing waiting).
-        return self.healthy and self.headroom > 0
+    @property
+    def headroom(self) -> int:
+        return self.max_parallel - self.load
+
+    def pending(self) -> int:
+        """Leases granted since the last reading was sent: vLLM's figures do not show them yet."""
+        return sum(1 for granted_at in self.leases.values() if granted_at >= self.sampled_at)
+
+    def generation_rate(self) -> float | None:
+        """Generated tokens per second over the rate window; None before two readings."""
+        if len(self.counters) < 2:
+            return None
+        (first_at, first_total, _), (last_at, last_total, _) = self.counters[0], self.counters[-1]
+        return (last_total - first_total) / (last_at - first_at) if last_at > first_at else None
+
+    def speed_per_request(self) -> float | None:
+        """What vLLM gives each running request now: the rate over the window / running at the reading."""
+        rate = self.generation_rate()
+        if rate is None or self.sample is None or self.sample.running <= 0:
+            return None
+        return rate / self.sample.running
+
+    def blocked_reason(self, min_speed: float) -> str | None:
+        """Why this server may not take a request now; None when it may. The whole rule, in order."""
+        sample = self.sample
+        if not self.healthy or sample is None:
+            return "unhealthy"
+        if self.load >= self.max_parallel:
+            return "full"
+        if sample.waiting > 0:
+            return "vllm_waiting"  # vLLM queues already: another request would only wait there, unordered
+        if min_speed <= 0:
+            return None
+        # A stale good reading must not let a burst through: the load at most doubles per reading.
+        if self.pending() >= max(GRANTS_PER_READING_MIN, self.load_at_reading):
+            return "burst"
+        # Nothing running always qualifies; so does a server that has read prompts but never generated
+        # a token (a pooling model: embeddings, scores), to which the speed rule cannot apply.
+        if self.load == 0 or (sample.generation_tokens_total == 0 and sample.prompt_tokens_total > 0):
+            return None
+        rate = self.generation_rate()
+        # The rate divided among the requests running now, those granted since the reading included:
+        # as if the total rate did not grow with them, which errs on the slow side.
+        if rate is None or rate / self.load < min_speed:
+            return "speed"
+        return None
 
 
 class Capacity:
-    """The servers of one model and the slots granted on them."""
+    """The servers of one model, the slots granted on them, and the rule that grants a new one."""
 
-    def __init__(self, servers: Iterable[ServerSpec], lease_timeout_s: float, lease_prefix: str = "") -> None:
-        self.servers = [Server(spec.url, spec.api_key, spec.max_parallel) for spec in servers]
+    def __init__(self, servers: Iterable[ServerSpec], lease_timeout_s: float, lease_prefix: str = "", *,
+                 min_speed: float = 0.0, lease_grace_s: float = LEASE_GRACE_MIN_S,
+                 rate_window_readings: int = 2) -> None:
+        self.servers = [Server(spec.url, spec.api_key, spec.max_parallel, deque(maxlen=max(2, rate_window_readings)))
+                        for spec in servers]
+        self.min_speed = min_speed
         self._by_url = {server.url: server for server in self.servers}
         self._lease_server: dict[str, Server] = {}
         self._lease_timeout_s = lease_timeout_s
+        self._lease_grace_s = lease_grace_s
         self._lease_prefix = lease_prefix
         self._lease_ids = itertools.count(1)
 
+    def can_take(self, server: Server) -> bool:
+        return server.blocked_reason(self.min_speed) is None
+
     def has_room(self) -> bool:
-        return any(server.can_take() for server in self.servers)
+        return any(self.can_take(server) for server in self.servers)
 
     def is_any_healthy(self) -> bool:
-        return any(server.healthy for server in self.servers)
+        """A server answers /health and /metrics: the consumer can grant once it has room."""
+        return any(server.healthy and server.sample is not None for server in self.servers)
 
     def pick_server(self) -> Server | None:
         """The server that can take a request now with the most free slots (the first listed on a tie)."""
         best: Server | None = None
         for server in self.servers:
-            if server.can_take() and (best is None or server.headroom > best.headroom):
+            if self.can_take(server) and (best is None or server.headroom > best.headroom):
                 best = server
         return best
 
     def grant(self, server: Server, now: float) -> str:
-        if not server.can_take():
+        if not self.can_take(server):
             raise ValueError(f"{server.url} cannot take a request now")
         lease = f"{self._lease_prefix}{next(self._lease_ids)}"
         server.leases[lease] = now
@@ -265,37 +362,78 @@ class Capacity:
         return lease
 
     def release(self, lease: str) -> Server | None:
-        """Frees the slot of `lease`; None when unknown (already released or expired)."""
+        """Frees the slot of `lease`; None when unknown (already released, reconciled or expired)."""
         server = self._lease_server.pop(lease, None)
         if server is not None:
             del server.leases[lease]
         return server
 
+    def _forget(self, server: Server, leases: Iterable[str]) -> None:
+        for lease in leases:
+            del server.leases[lease]
+            del self._lease_server[lease]
+
     def expire_leases(self, now: float) -> list[tuple[str, Server]]:
-        """Frees the slots granted more than the lease timeout ago (their release was lost)."""
+        """The safety net: forgets leases granted more than the lease timeout ago. Slots do not depend
+        on it: a forgotten lease counts as a request of vLLM's own until a reading says it has ended."""
         expired = [(lease, server) for server in self.servers for lease, granted_at in server.leases.items()
                    if now - granted_at >= self._lease_timeout_s]
         for lease, server in expired:
-            del server.leases[lease]
-            del self._lease_server[lease]
+            self._forget(server, [lease])
+            server.foreign += 1
         return expired
 
     def set_health(self, url: str, ok: bool, now: float) -> bool:
-        """Records a health check; True when the server's health changed."""
+        """Records a health check; True when the server's health changed. An unhealthy server's
+        figures are dropped: it is read afresh when it comes back."""
         server = self._by_url[url]
+        if not ok:
+            server.sample = None
+            server.counters.clear()
+            server.missing = 0
         if server.healthy == ok:
             return False
         server.healthy = ok
         server.health_changed_at = now
         return True
 
-    def update_metrics(self, url: str, sample: MetricsSample | None, now: float) -> None:
-        """Keeps vLLM's latest load figures; the speed rule and the reconciliation of our slot count
-        with vLLM's own `num_requests_running` will read them here."""
+    def record_sample(self, url: str, sample: MetricsSample, read_at: float) -> SampleOutcome:
+        """Takes a reading of vLLM's /metrics sent at `read_at`, and reconciles the slots with it.
+
+        Our leases granted more than the grace period before the reading have reached vLLM by now,
+        unless their request has ended: when there are more of them than vLLM has requests at two
+        readings in a row, the oldest of the excess are freed (their release was lost: a sender killed,
+        a network cut). One reading is not enough: a request that has just ended has its release on the
+        way, and freeing a slot for it too would free one twice. Younger leases are left alone, since
+        their request may not have reached vLLM yet. Requests vLLM has beyond our leases are counted as
+        `foreign`, so a restarted consumer does not grant beyond the cap.
+        """
         server = self._by_url[url]
-        if sample is not None:
-            server.sample = sample
-            server.sampled_at = now
+        counters = server.counters
+        last = counters[-1] if counters else None
+        reset = last is not None and (sample.generation_tokens_total < last[1] or sample.prompt_tokens_total < last[2])
+        if reset:
+            counters.clear()
+        if last is None or reset or (sample.generation_tokens_total, sample.prompt_tokens_total) != last[1:]:
+            server.counters_moved_at = read_at
+        counters.append((read_at, sample.generation_tokens_total, sample.prompt_tokens_total))
+        # vLLM does not refresh its gauges while its engine is idle: after every running request was
+        # aborted at once they keep their last value until the next request (vLLM issue #22545).
+        stale = sample.running + sample.waiting > 0 and read_at - server.counters_moved_at >= STALE_GAUGES_S
+        if stale:
+            sample = MetricsSample(0.0, 0.0, sample.generation_tokens_total, sample.prompt_tokens_total)
+        in_vllm = round(sample.running + sample.waiting)
+        settled = [lease for lease, granted_at in server.leases.items() if granted_at < read_at - self._lease_grace_s]
+        missing = max(0, len(settled) - in_vllm)
+        freed = settled[:min(missing, server.missing)]
+        self._forget(server, freed)
+        server.missing = missing - len(freed)
+        granted_before = sum(1 for granted_at in server.leases.values() if granted_at < read_at)
+        server.foreign = max(0, in_vllm - granted_before)
+        server.sample = sample
+        server.sampled_at = read_at
+        server.load_at_reading = server.load
+        return SampleOutcome(freed, reset, stale)
 
 
 def vllm_priority(priority: int, max_priority: int, forward: bool) -> int | None:
@@ -307,52 +445,83 @@ def vllm_priority(priority: int, max_priority: int, forward: bool) -> int | None
 
 
 def parse_vllm_metrics(text: str) -> MetricsSample | None:
-    """Running, waiting and generated-token totals from vLLM's Prometheus text, summed over engines."""
-    totals = {VLLM_RUNNING: 0.0, VLLM_WAITING: 0.0, VLLM_GENERATION_TOKENS: 0.0}
+    """Running, waiting, generated and prompt token totals from vLLM's Prometheus text, summed over
+    engines; None without the running gauge (not vLLM, or not its metrics)."""
+    totals = {VLLM_RUNNING: 0.0, VLLM_WAITING: 0.0, VLLM_GENERATION_TOKENS: 0.0, VLLM_PROMPT_TOKENS: 0.0}
     seen = False
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name in totals:
                 totals[sample.name] += sample.value
-                seen = True
+                seen = seen or sample.name == VLLM_RUNNING
     if not seen:
         return None
-    return MetricsSample(totals[VLLM_RUNNING], totals[VLLM_WAITING], totals[VLLM_GENERATION_TOKENS])
+    return MetricsSample(totals[VLLM_RUNNING], totals[VLLM_WAITING], totals[VLLM_GENERATION_TOKENS],
+                         totals[VLLM_PROMPT_TOKENS])
 
 
 # ---------------------------------------------------------------------------------------------
 # Metrics of the consumer itself (PROBE_PORT /metrics)
 
+BLOCKED_REASONS = ("unhealthy", "full", "vllm_waiting", "burst", "speed")
+NAN = float("nan")
+
+
 @dataclass(frozen=True, slots=True)
 class Metrics:
     grants: prom.Counter
     releases: prom.Counter
+    lost_releases: prom.Counter
     lease_expiries: prom.Counter
-    in_flight: prom.Gauge
-    healthy: prom.Gauge
 
     @classmethod
     def create(cls, registry: prom.CollectorRegistry, capacity: Capacity) -> Metrics:
+        def counter(name: str, help_text: str) -> prom.Counter:
+            return prom.Counter(name, help_text, ["server"], registry=registry)
+
+        def gauge(name: str, help_text: str, read: Callable[[Server], float]) -> None:
+            # Read from the decisions at scrape time, so no code path can forget to update them.
+            family = prom.Gauge(name, help_text, ["server"], registry=registry)
+            for server in capacity.servers:
+                family.labels(server.url).set_function(lambda s=server: read(s))
+
         metrics = cls(
-            grants=prom.Counter("dispatcher_consumer_grants", "Slots granted, by vLLM server.",
-                                ["server"], registry=registry),
-            releases=prom.Counter("dispatcher_consumer_releases", "Slots released by a sender, by vLLM server.",
-                                  ["server"], registry=registry),
-            lease_expiries=prom.Counter("dispatcher_consumer_lease_expiries",
-                                        "Slots freed by the lease timeout (release lost), by vLLM server.",
-                                        ["server"], registry=registry),
-            in_flight=prom.Gauge("dispatcher_consumer_in_flight", "Slots granted and not yet released.",
-                                 ["server"], registry=registry),
-            healthy=prom.Gauge("dispatcher_consumer_server_healthy", "1 when the server's /health answers 200.",
-                               ["server"], registry=registry),
+            grants=counter("dispatcher_consumer_grants", "Slots granted, by vLLM server."),
+            releases=counter("dispatcher_consumer_releases", "Slots released by a sender, by vLLM server."),
+            lost_releases=counter("dispatcher_consumer_lost_releases",
+                                  "Slots freed because vLLM no longer had their request (release lost)."),
+            lease_expiries=counter("dispatcher_consumer_lease_expiries",
+                                   "Leases forgotten after LEASE_TIMEOUT_SECONDS (bookkeeping only)."),
         )
-        # Read from the decisions at scrape time, so no code path can forget to update them.
+        gauge("dispatcher_consumer_in_flight", "Slots granted by this consumer and not yet released.",
+              lambda s: s.in_flight)
+        gauge("dispatcher_consumer_slots_used", "Slots counted against MAX_PARALLEL_REQUESTS: ours, plus requests "
+              "vLLM runs that no lease of ours explains.", lambda s: s.load)
+        gauge("dispatcher_consumer_server_healthy", "1 when the server's /health and /metrics answer.",
+              lambda s: 1.0 if s.healthy and s.sample is not None else 0.0)
+        gauge("dispatcher_consumer_vllm_running", "vllm:num_requests_running at the last reading.",
+              lambda s: s.sample.running if s.sample is not None else NAN)
+        gauge("dispatcher_consumer_vllm_waiting", "vllm:num_requests_waiting at the last reading.",
+              lambda s: s.sample.waiting if s.sample is not None else NAN)
+        gauge("dispatcher_consumer_generation_tokens_per_second", "vLLM's generation rate over the rate window.",
+              lambda s: value_or_nan(s.generation_rate()))
+        gauge("dispatcher_consumer_tokens_per_second_per_request",
+              "Generation rate / running requests: the speed each user gets, compared with "
+              "MIN_TOKENS_PER_SECOND_PER_USER.", lambda s: value_or_nan(s.speed_per_request()))
+        blocked = prom.Gauge("dispatcher_consumer_blocked", "1 for the reason why the server takes no request now "
+                             "(unhealthy, full, vllm_waiting, burst, speed); all 0 when it can take one.",
+                             ["server", "reason"], registry=registry)
         for server in capacity.servers:
-            metrics.in_flight.labels(server.url).set_function(lambda s=server: s.in_flight)
-            metrics.healthy.labels(server.url).set_function(lambda s=server: 1.0 if s.healthy else 0.0)
-            for counter in (metrics.grants, metrics.releases, metrics.lease_expiries):
-                counter.labels(server.url)
+            for reason in BLOCKED_REASONS:
+                blocked.labels(server.url, reason).set_function(
+                    lambda s=server, r=reason: 1.0 if s.blocked_reason(capacity.min_speed) == r else 0.0)
+            for family in (metrics.grants, metrics.releases, metrics.lost_releases, metrics.lease_expiries):
+                family.labels(server.url)
         return metrics
+
+
+def value_or_nan(value: float | None) -> float:
+    return NAN if value is None else value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,8 +533,9 @@ class VllmError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ServerReading:
-    healthy: bool
-    sample: MetricsSample | None
+    healthy: bool                   # GET /health answered 200
+    sample: MetricsSample | None    # None: /metrics unreachable, or without vLLM's figures
+    read_at: float                  # monotonic time the requests were sent
 
 
 class VllmClient:
@@ -385,16 +555,20 @@ class VllmClient:
         return status == 200
 
     async def read(self, server: Server) -> ServerReading:
-        """Health, then load (a failed /metrics read leaves the last sample in place)."""
-        if not await self.is_healthy(server):
-            return ServerReading(False, None)
+        """Health and load, in parallel, so one slow server is seen within one HTTP timeout."""
+        read_at = time.monotonic()
+        healthy, sample = await asyncio.gather(self.is_healthy(server), self.read_metrics(server))
+        return ServerReading(healthy, sample, read_at)
+
+    async def read_metrics(self, server: Server) -> MetricsSample | None:
         try:
             status, body = await self.get(server, "/metrics")
-            sample = parse_vllm_metrics(body.decode()) if status == 200 else None
-        except (VllmError, ValueError) as exc:
+            if status != 200:
+                raise VllmError(f"status {status}")
+            return parse_vllm_metrics(body.decode())
+        except (VllmError, ValueError) as exc:  # UnicodeDecodeError and the parser's errors are ValueErrors
             log.debug("GET %s/metrics failed: %s", server.url, exc)
-            sample = None
-        return ServerReading(True, sample)
+            return None
 
     async def read_model_card(self, server: Server, model: str) -> dict[str, Any] | None:
         """The entry for `model` in the server's /v1/models, as vLLM gives it."""
@@ -518,6 +692,7 @@ class Dispatcher:
         self._stopping = False
         self._failures = 0
         self._ever_connected = False
+        self._stale_gauges: set[str] = set()  # servers whose gauges are taken as stale (logged once)
 
     def is_ready(self) -> bool:
         if self._stopping:
@@ -590,23 +765,47 @@ class Dispatcher:
             await self._maybe_consume_safely()
 
     async def update_servers(self, readings: Mapping[str, ServerReading]) -> None:
-        """Applies a round of health and metrics readings, expires leases, then consumes or pauses."""
+        """Applies a round of readings (health, speed, reconciliation of slots), forgets leases past the
+        safety net, then consumes or pauses: a speed rule that said no is checked again here."""
         async with self._lock:
             now = time.monotonic()
+            changed = False
             for url, reading in readings.items():
-                if self._capacity.set_health(url, reading.healthy, now):
-                    if reading.healthy:
+                ok = reading.healthy and reading.sample is not None
+                if self._capacity.set_health(url, ok, now):
+                    changed = True
+                    if ok:
                         log.info("vLLM %s is healthy again", url)
                     else:
-                        log.warning("vLLM %s is unhealthy: no grants to it", url)
-                    if not self._capacity.is_any_healthy():
-                        log.warning("no healthy vLLM server: not granting")
-                self._capacity.update_metrics(url, reading.sample, now)
+                        log.warning("vLLM %s is unhealthy (%s): no grants to it", url,
+                                    "/metrics unreachable or without vLLM's metrics" if reading.healthy
+                                    else "/health failed")
+                if ok and reading.sample is not None:
+                    self._apply_sample(url, reading.sample, reading.read_at)
+            if changed and not self._capacity.is_any_healthy():
+                log.warning("no healthy vLLM server: not granting; requests wait in the queue")
             for lease, server in self._capacity.expire_leases(now):
                 self._metrics.lease_expiries.labels(server.url).inc()
-                log.warning("lease %s on %s expired after %.0fs without a release", lease, server.url,
+                log.warning("lease %s on %s forgotten after %.0fs without a release", lease, server.url,
                             self._config.lease_timeout_s)
             await self._maybe_consume_safely()
+
+    def _apply_sample(self, url: str, sample: MetricsSample, read_at: float) -> None:
+        outcome = self._capacity.record_sample(url, sample, read_at)
+        if outcome.counters_reset:
+            log.warning("vLLM %s token counters went down: it restarted; speed measured afresh", url)
+        if outcome.gauges_stale != (url in self._stale_gauges):
+            if outcome.gauges_stale:
+                self._stale_gauges.add(url)
+                log.warning("vLLM %s reports %g running, %g waiting, but no token moved for %.0fs: taking its "
+                            "gauges as stale (vLLM issue #22545)", url, sample.running, sample.waiting,
+                            STALE_GAUGES_S)
+            else:
+                self._stale_gauges.discard(url)
+        if outcome.freed:
+            self._metrics.lost_releases.labels(url).inc(len(outcome.freed))
+            log.info("freed %d slot(s) on %s: vLLM no longer has their request (release lost)",
+                     len(outcome.freed), url)
 
     # -- gating the model queue's consumer (always under the lock) --
 
@@ -830,7 +1029,11 @@ class StartupError(Exception):
 async def run(config: Config) -> None:
     consumer_id = new_consumer_id()
     registry = prom.CollectorRegistry()
-    capacity = Capacity(config.servers, config.lease_timeout_s, lease_prefix=f"{consumer_id}.")
+    capacity = Capacity(
+        config.servers, config.lease_timeout_s, lease_prefix=f"{consumer_id}.",
+        min_speed=config.min_tokens_per_second_per_user,
+        lease_grace_s=max(LEASE_GRACE_MIN_S, LEASE_GRACE_REFRESHES * config.metrics_refresh_s),
+        rate_window_readings=1 + math.ceil(RATE_WINDOW_S / config.metrics_refresh_s - 1e-9))
     metrics = Metrics.create(registry, capacity)
     vllm = VllmClient()
     dispatcher = Dispatcher(config, consumer_id, capacity, metrics,

@@ -15,8 +15,9 @@ The client-visible facts it copies are in /work/shared/reference/vllm-rabbitmq-h
 - A client that closes its connection while its request waits or generates aborts it, as in
   vLLM (A.6): the socket is read during every wait, and the request is counted in `disconnects`.
 
-Test-only routes, outside vLLM's surface: GET /_fake/stats, GET /_fake/requests, POST /_fake/control,
-POST /_fake/reset.
+Test-only routes, outside vLLM's surface: GET /_fake/stats, GET /_fake/requests, POST /_fake/control
+(speed, health, `drop_metrics` for a /metrics that fails...), POST /_fake/reset, POST /_fake/restart
+(as if the vLLM process restarted: requests in flight cut, counters back to zero).
 Probes and scrapes (/health, /metrics, /load, /version, /ping) and /_fake/* are not recorded in
 `requests`, so a test sees only what a client sent.
 """
@@ -66,7 +67,7 @@ API_KEY_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")     # A.7
 UNRECORDED_PATHS = frozenset({"/health", "/metrics", "/load", "/version", "/ping"})
 FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")     # A.8, request_success_total
 CONTROLLABLE = frozenset({"ttft_ms", "tpot_ms", "max_num_seqs", "slowdown", "fail_after_tokens",
-                          "drop_requests"})
+                          "drop_requests", "drop_metrics"})
 
 SERVER_HEADER = (b"server", b"uvicorn")
 JSON_TYPE = (b"content-type", b"application/json")
@@ -97,6 +98,7 @@ class FakeVLLMOptions:
     default_max_tokens: int = 16    # a request without max_tokens stops here ("stop"); vLLM runs to EOS
     fail_after_tokens: int = 0      # > 0: a stream breaks (connection reset) after this many tokens
     drop_requests: bool = False     # True: API requests get their connection closed, no answer at all
+    drop_metrics: bool = False      # True: /metrics gets its connection closed, as when it is unreachable
 
     def __post_init__(self) -> None:
         if isinstance(self.served_model_name, str):
@@ -167,11 +169,13 @@ class Engine:
     """vLLM's scheduler reduced to what a client can observe: at most `max_num_seqs` requests run
     (0 = no limit), the others wait in arrival order; token counters feed /metrics."""
 
-    __slots__ = ("max_num_seqs", "running", "waiters", "prompt_tokens", "generation_tokens", "finished")
+    __slots__ = ("max_num_seqs", "running", "max_running", "waiters", "prompt_tokens", "generation_tokens",
+                 "finished")
 
     def __init__(self, max_num_seqs: int) -> None:
         self.max_num_seqs = max_num_seqs
         self.running = 0
+        self.max_running = 0    # the most requests that ran at once (tests check a cap with it)
         self.waiters: deque[asyncio.Future[None]] = deque()
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -188,6 +192,7 @@ class Engine:
         if self.waiters or not self.has_room():
             return False
         self.running += 1
+        self.max_running = max(self.max_running, self.running)
         return True
 
     async def wait_for_slot(self) -> None:
@@ -212,6 +217,7 @@ class Engine:
             slot = self.waiters.popleft()
             if not slot.done():  # a cancelled waiter not yet removed by its task
                 self.running += 1
+                self.max_running = max(self.max_running, self.running)
                 slot.set_result(None)
 
     def token_delay_s(self, options: FakeVLLMOptions) -> float:
@@ -510,7 +516,8 @@ class FakeVLLM:
     """The fake vLLM server. `await start()` (port 0 picks a free port), then `.url`; `await close()`.
 
     Test-visible state: `requests` (RecordedRequest list), `disconnects`, `running`, `waiting`,
-    `healthy` (settable), `options` (change with `configure(**changes)`), `engine` (counters).
+    `healthy` (settable), `options` (change with `configure(**changes)`), `engine` (counters,
+    `max_running`); `restart()` cuts every connection and zeroes the counters.
     """
 
     def __init__(self, options: FakeVLLMOptions | None = None, **overrides: Any) -> None:
@@ -540,6 +547,7 @@ class FakeVLLM:
             "/_fake/stats": {"GET": self.fake_stats},
             "/_fake/control": {"POST": self.fake_control},
             "/_fake/reset": {"POST": self.fake_reset},
+            "/_fake/restart": {"POST": self.fake_restart},
             "/_fake/requests": {"GET": self.fake_requests},
         }
         if self.options.kind == "generate":
@@ -597,7 +605,7 @@ class FakeVLLM:
         if unknown:
             raise ValueError(f"cannot change {', '.join(sorted(unknown))}")
         for name, value in changes.items():
-            if name in ("healthy", "drop_requests"):
+            if name in ("healthy", "drop_requests", "drop_metrics"):
                 valid = type(value) is bool
             elif name == "fail_after_tokens":
                 valid = type(value) is int and value >= 0
@@ -612,6 +620,15 @@ class FakeVLLM:
         self.options = dataclasses.replace(self.options, **changes)
         self.engine.max_num_seqs = self.options.max_num_seqs
         self.engine.admit_waiting()
+
+    async def restart(self, keep: asyncio.Task[Any] | None = None) -> None:
+        """As if the vLLM process restarted: every connection but `keep` is cut at once (a stream ends
+        without its last chunk), and the engine starts empty, its /metrics counters from zero."""
+        tasks = [task for task in self.connections if task is not keep]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.engine = Engine(self.options.max_num_seqs)
 
     def record(self, request: RecordedRequest) -> None:
         self.request_count += 1
@@ -669,6 +686,9 @@ class FakeVLLM:
             if self.options.drop_requests:  # a server that dies on the request: no status line at all
                 conn.writer.transport.abort()
                 return False
+        elif request.path == "/metrics" and self.options.drop_metrics:
+            conn.writer.transport.abort()
+            return False
         try:
             try:
                 await self.dispatch(conn, request)
@@ -1004,7 +1024,8 @@ class FakeVLLM:
                             "body_sha256": hashlib.sha256(last.body).hexdigest(), "body_len": len(last.body)}
         conn.send_json(200, {"requests": self.request_count, "disconnects": self.disconnects,
                              "running": self.engine.running, "waiting": self.engine.waiting,
-                             "last_request": last_request})
+                             "max_running": self.engine.max_running,
+                             "generation_tokens": self.engine.generation_tokens, "last_request": last_request})
 
     async def fake_requests(self, conn: Connection, request: RecordedRequest) -> None:
         """The recorded API requests in arrival order: method, path, headers and body as text."""
@@ -1023,13 +1044,19 @@ class FakeVLLM:
         options = self.options
         conn.send_json(200, {"healthy": self.healthy, "ttft_ms": options.ttft_ms, "tpot_ms": options.tpot_ms,
                              "max_num_seqs": options.max_num_seqs, "slowdown": options.slowdown,
-                             "fail_after_tokens": options.fail_after_tokens, "drop_requests": options.drop_requests})
+                             "fail_after_tokens": options.fail_after_tokens, "drop_requests": options.drop_requests,
+                             "drop_metrics": options.drop_metrics})
 
     async def fake_reset(self, conn: Connection, request: RecordedRequest) -> None:
         """Clears the test counters; /metrics counters keep counting, as a scraper expects."""
         self.requests.clear()
         self.request_count = 0
         self.disconnects = 0
+        self.engine.max_running = self.engine.running
+        conn.send_json(200, {"ok": True})
+
+    async def fake_restart(self, conn: Connection, request: RecordedRequest) -> None:
+        await self.restart(keep=asyncio.current_task())
         conn.send_json(200, {"ok": True})
 
 

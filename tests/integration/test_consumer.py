@@ -1,8 +1,9 @@
 """`consumer.py` as a subprocess against the real RabbitMQ and a stub vLLM in the test.
 
 The test plays the sender with aiormq: it publishes grant requests on the model's queue with
-direct reply-to, reads the grants, and publishes releases. Each test has its own model name, so
-its own queue.
+direct reply-to, reads the grants, and publishes releases. It also plays vLLM's figures: the stub's
+/metrics says what the test sets (`running`, `waiting`, a generation rate), so the consumer's rule
+and its reconciliation of slots are driven exactly. Each test has its own model name, so its own queue.
 """
 
 from __future__ import annotations
@@ -40,15 +41,31 @@ NO_GRANT_WAIT_S = 0.5   # how long "no grant arrives" is watched for
 
 
 # ---------------------------------------------------------------------------------------------
-# A stub vLLM: /health (switchable), /v1/models, /metrics; it records the requests it gets
+# A stub vLLM: /health (switchable), /v1/models, /metrics (figures set by the test); it records the requests
 
 @dataclass
 class StubVLLM:
     model: str
     healthy: bool = True
+    metrics_ok: bool = True
+    running: int = 0
+    waiting: int = 0
     requests: list[tuple[str, dict[bytes, bytes]]] = field(default_factory=list)
     port: int = 0
     server: asyncio.Server | None = None
+    tokens_per_s: float = 0.0
+    tokens_base: float = 1000.0     # vLLM has generated before: the speed rule applies
+    tokens_since: float = field(default_factory=time.monotonic)
+
+    def generate(self, tokens_per_s: float) -> None:
+        """From now on, vllm:generation_tokens_total grows this fast."""
+        now = time.monotonic()
+        self.tokens_base = self.generation_tokens(now)
+        self.tokens_since = now
+        self.tokens_per_s = tokens_per_s
+
+    def generation_tokens(self, now: float) -> float:
+        return self.tokens_base + self.tokens_per_s * (now - self.tokens_since)
 
     @property
     def url(self) -> str:
@@ -74,8 +91,13 @@ class StubVLLM:
         if target == "/v1/models":
             return 200, orjson.dumps({"object": "list", "data": [self.card]})
         if target == "/metrics":
-            return 200, (b'vllm:num_requests_running{engine="0",model_name="m"} 0.0\n'
-                         b'vllm:num_requests_waiting{engine="0",model_name="m"} 0.0\n')
+            if not self.metrics_ok:
+                return 500, b"Internal Server Error"
+            labels = '{engine="0",model_name="m"}'
+            return 200, (f"vllm:num_requests_running{labels} {self.running}.0\n"
+                         f"vllm:num_requests_waiting{labels} {self.waiting}.0\n"
+                         f"vllm:generation_tokens_total{labels} {self.generation_tokens(time.monotonic())}\n"
+                         ).encode()
         return 404, b""
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -138,6 +160,17 @@ class ConsumerProcess:
     async def _is_status(self, expected: int) -> bool:
         return await self.ready_status() == expected
 
+    async def metric(self, sample: str) -> float | None:
+        """One sample of the consumer's own /metrics, e.g. 'dispatcher_consumer_grants_total{server="..."}'."""
+        def read() -> str:
+            with urllib.request.urlopen(self.probe_url + "/metrics", timeout=2.0) as response:
+                return response.read().decode()
+        for line in (await asyncio.to_thread(read)).splitlines():
+            name, _, value = line.rpartition(" ")
+            if name == sample:
+                return float(value)
+        return None
+
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -189,9 +222,9 @@ class Broker:
         async with asyncio.timeout(timeout_s):
             return await self.grants.get()
 
-    async def expect_no_grant(self) -> None:
+    async def expect_no_grant(self, wait_s: float = NO_GRANT_WAIT_S) -> None:
         with pytest.raises(TimeoutError):
-            async with asyncio.timeout(NO_GRANT_WAIT_S):
+            async with asyncio.timeout(wait_s):
                 await self.grants.get()
 
     async def ready_messages(self, model: str) -> int:
@@ -242,7 +275,8 @@ async def start_consumer(tmp_path: Path, request: pytest.FixtureRequest
                 [sys.executable, "consumer.py"], cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", "MODEL": stub.model, "VLLM_URL": stub.url,
                      "PROBE_PORT": str(port), "RABBITMQ_URL": RABBITMQ_URL, "METRICS_REFRESH_SECONDS": "0.2",
-                     "RPC_QUEUE_EXPIRATION": "10000", "LOG_LEVEL": "DEBUG", **env})
+                     "RPC_QUEUE_EXPIRATION": "10000", "LOG_LEVEL": "DEBUG", "MIN_TOKENS_PER_SECOND_PER_USER": "0",
+                     **env})
         consumer = ConsumerProcess(process, log_path, f"http://127.0.0.1:{port}")
         started.append(consumer)
         await consumer.wait_ready()
@@ -290,6 +324,7 @@ async def test_full_server_holds_nothing_and_grants_high_priority_first(broker, 
     await start_consumer(vllm, MAX_PARALLEL_REQUESTS="1")
     await broker.request(vllm.model, 1, "first")
     _, first = await broker.next_grant()
+    vllm.running = 1  # each granted request runs on vLLM until its release
 
     for priority, correlation_id in ((1, "low-1"), (1, "low-2"), (9, "high")):
         await broker.request(vllm.model, priority, correlation_id)
@@ -313,6 +348,7 @@ async def test_waiting_requests_outlive_queue_expiration_while_every_slot_is_in_
     await start_consumer(vllm, MAX_PARALLEL_REQUESTS="1", RPC_QUEUE_EXPIRATION=str(expiration_ms))
     await broker.request(vllm.model, 1, "first")
     _, first = await broker.next_grant()
+    vllm.running = 1
     await broker.request(vllm.model, 1, "waiting")
     await asyncio.sleep(3 * expiration_ms / 1000)  # the point of the test: outlast the expiration, full
     assert await broker.ready_messages(vllm.model) == 1
@@ -324,6 +360,7 @@ async def test_release_of_unknown_lease_frees_nothing(broker, vllm, start_consum
     await start_consumer(vllm, MAX_PARALLEL_REQUESTS="1")
     await broker.request(vllm.model, 1, "first")
     _, first = await broker.next_grant()
+    vllm.running = 1
     await broker.request(vllm.model, 1, "second")
     await broker.release(Grant("no-such-lease", first.url, None, first.release_to, None))
     await broker.expect_no_grant()
@@ -331,15 +368,88 @@ async def test_release_of_unknown_lease_frees_nothing(broker, vllm, start_consum
     assert (await broker.next_grant())[0] == "second"
 
 
-async def test_lease_timeout_frees_a_slot_never_released(broker, vllm, start_consumer):
-    await start_consumer(vllm, MAX_PARALLEL_REQUESTS="1", LEASE_TIMEOUT_SECONDS="1.5")
+async def test_lost_release_frees_the_slot_once_vllm_reports_the_request_gone(broker, vllm, start_consumer):
+    """No release ever comes (the sender died); the slot is freed by vLLM's count, not by a timer."""
+    consumer = await start_consumer(vllm, MAX_PARALLEL_REQUESTS="1", LEASE_TIMEOUT_SECONDS="600")
+    await broker.request(vllm.model, 1, "first")
+    _, first = await broker.next_grant()
+    vllm.running = 1
+    await broker.request(vllm.model, 1, "second")
+    await broker.expect_no_grant(wait_s=2.0)  # older than the grace period, but vLLM still runs it
+    vllm.running = 0
+    correlation_id, _ = await broker.next_grant(timeout_s=3.0)
+    assert correlation_id == "second"
+    assert await consumer.metric(f'dispatcher_consumer_lost_releases_total{{server="{vllm.url}"}}') == 1
+    await broker.release(first)  # a late release of the freed lease frees nothing more
+    vllm.running = 1
+    await broker.request(vllm.model, 1, "third")
+    await broker.expect_no_grant()
+
+
+async def test_lease_timeout_forgets_a_lease_but_vllm_still_holds_the_slot(broker, vllm, start_consumer):
+    """The lease timeout is bookkeeping only: a request vLLM still runs keeps its slot after it."""
+    consumer = await start_consumer(vllm, MAX_PARALLEL_REQUESTS="1", LEASE_TIMEOUT_SECONDS="0.5")
     await broker.request(vllm.model, 1, "first")
     await broker.next_grant()
-    started = time.monotonic()
+    vllm.running = 1
     await broker.request(vllm.model, 1, "second")
-    correlation_id, _ = await broker.next_grant(timeout_s=5.0)
-    assert correlation_id == "second"
-    assert time.monotonic() - started >= 1.0
+    server = f'{{server="{vllm.url}"}}'
+    await async_wait_until(lambda: consumer.metric(f"dispatcher_consumer_lease_expiries_total{server}"),
+                           timeout_s=5.0, what="the lease to be forgotten")
+    await broker.expect_no_grant()
+    vllm.running = 0
+    assert (await broker.next_grant(timeout_s=3.0))[0] == "second"
+
+
+async def test_restarted_consumer_counts_requests_already_running(broker, vllm, start_consumer):
+    """vLLM runs two requests granted by a consumer that has since restarted: the cap is two."""
+    vllm.running = 2
+    await start_consumer(vllm, MAX_PARALLEL_REQUESTS="2")
+    await broker.request(vllm.model, 1, "first")
+    await broker.expect_no_grant()
+    vllm.running = 1  # one of them ended
+    assert (await broker.next_grant(timeout_s=3.0))[0] == "first"
+    vllm.running = 2
+    await broker.request(vllm.model, 1, "second")
+    await broker.expect_no_grant()
+    assert await broker.ready_messages(vllm.model) == 1
+
+
+async def test_speed_rule_holds_requests_while_each_user_is_too_slow(broker, vllm, start_consumer):
+    """Two running, 10 tokens/s in all: 5 per user, under a floor of 10. Nothing is taken off the
+    queue until vLLM is fast enough again."""
+    vllm.running = 2
+    vllm.generate(10.0)
+    consumer = await start_consumer(vllm, MAX_PARALLEL_REQUESTS="8", MIN_TOKENS_PER_SECOND_PER_USER="10")
+    speed = f'dispatcher_consumer_blocked{{reason="speed",server="{vllm.url}"}}'
+    await async_wait_until(lambda: consumer.metric(speed), timeout_s=5.0, what="the speed rule to hold")
+    await broker.request(vllm.model, 1, "waiting")
+    await broker.expect_no_grant()
+    assert await broker.ready_messages(vllm.model) == 1
+    vllm.generate(100.0)  # 50 tokens/s each
+    assert (await broker.next_grant(timeout_s=5.0))[0] == "waiting"
+    per_request = await consumer.metric(f'dispatcher_consumer_tokens_per_second_per_request{{server="{vllm.url}"}}')
+    assert per_request is not None and per_request >= 10
+
+
+async def test_requests_waiting_inside_vllm_hold_new_grants(broker, vllm, start_consumer):
+    vllm.running, vllm.waiting = 1, 1
+    await start_consumer(vllm, MAX_PARALLEL_REQUESTS="8")
+    await broker.request(vllm.model, 1, "held")
+    await broker.expect_no_grant()
+    vllm.waiting = 0
+    assert (await broker.next_grant(timeout_s=3.0))[0] == "held"
+
+
+async def test_unreachable_metrics_make_the_server_unhealthy(broker, vllm, start_consumer):
+    consumer = await start_consumer(vllm)
+    vllm.metrics_ok = False
+    await consumer.wait_ready(False, timeout_s=10.0)
+    await broker.request(vllm.model, 1, "waiting")
+    await broker.expect_no_grant()
+    vllm.metrics_ok = True
+    await consumer.wait_ready(True, timeout_s=10.0)
+    assert (await broker.next_grant())[0] == "waiting"
 
 
 async def test_unhealthy_server_gets_no_grant_until_it_recovers(broker, vllm, start_consumer):
@@ -369,10 +479,11 @@ async def test_sigterm_announces_departure_and_exits_cleanly(broker, vllm, start
     await broker.next_announcement(vllm.model)
     await broker.request(vllm.model, 1, "first")
     await broker.next_grant()
+    vllm.running = 1
     await broker.request(vllm.model, 1, "waiting")
 
     assert await asyncio.to_thread(consumer.stop) == 0
-    while (announcement := await broker.next_announcement(vllm.model)).alive:
+    while (await broker.next_announcement(vllm.model)).alive:
         pass
     assert await broker.ready_messages(vllm.model) == 1  # still waiting for another consumer
 
@@ -397,6 +508,7 @@ async def test_reconnect_keeps_leases_and_release_queue(broker, vllm, start_cons
     await start_consumer(vllm, MAX_PARALLEL_REQUESTS="1", RABBITMQ_URL=url)
     await broker.request(vllm.model, 1, "first")
     _, first = await broker.next_grant()
+    vllm.running = 1
     await broker.request(vllm.model, 1, "second")
 
     assert await asyncio.to_thread(close_connection_named, name), "rabbitmqctl found no consumer connection"

@@ -1,6 +1,9 @@
-"""The consumer's decisions (no I/O): which server, may I grant now, lease expiry; and its configuration."""
+"""The consumer's decisions (no I/O): which server, may I grant now (the speed rule), which slots are
+really in use (reconciliation with vLLM's counts); and its configuration."""
 
 from __future__ import annotations
+
+import math
 
 import prometheus_client as prom
 import pytest
@@ -9,20 +12,38 @@ import consumer
 from common.config import ConfigError
 from consumer import Capacity, Config, MetricsSample, ServerSpec
 
-LEASE_TIMEOUT_S = 900.0
+LEASE_TIMEOUT_S = 3600.0
+GRACE_S = 1.0
 
 
-def make_capacity(*servers: tuple[str, int], healthy: bool = True, lease_timeout_s: float = LEASE_TIMEOUT_S
-                  ) -> Capacity:
-    capacity = Capacity([ServerSpec(url, None, cap) for url, cap in servers], lease_timeout_s)
+def make_capacity(*servers: tuple[str, int], healthy: bool = True, min_speed: float = 0.0,
+                  lease_timeout_s: float = LEASE_TIMEOUT_S, rate_window_readings: int = 2) -> Capacity:
+    """Servers read once at t=0 with nothing running (healthy ones)."""
+    capacity = Capacity([ServerSpec(url, None, cap) for url, cap in servers], lease_timeout_s,
+                        min_speed=min_speed, lease_grace_s=GRACE_S, rate_window_readings=rate_window_readings)
     for url, _ in servers:
         capacity.set_health(url, healthy, 0.0)
+        if healthy:
+            capacity.record_sample(url, MetricsSample(0, 0, 0), 0.0)
     return capacity
 
 
+def server_of(capacity: Capacity, url: str) -> consumer.Server:
+    return next(s for s in capacity.servers if s.url == url)
+
+
 def fill(capacity: Capacity, url: str, count: int, now: float = 0.0) -> list[str]:
-    server = next(s for s in capacity.servers if s.url == url)
+    server = server_of(capacity, url)
     return [capacity.grant(server, now) for _ in range(count)]
+
+
+def read(capacity: Capacity, url: str, at: float, running: float, waiting: float = 0, generated: float = 0,
+         prompt: float = 0) -> consumer.SampleOutcome:
+    return capacity.record_sample(url, MetricsSample(running, waiting, generated, prompt), at)
+
+
+def blocked(capacity: Capacity, url: str = "a") -> str | None:
+    return server_of(capacity, url).blocked_reason(capacity.min_speed)
 
 
 # -- pick_server ----------------------------------------------------------------------------
@@ -52,6 +73,16 @@ def test_pick_server_chooses_healthy_server_with_most_headroom(caps, used, unhea
     assert capacity.has_room() is (expected is not None)
 
 
+def test_pick_server_counts_requests_vllm_runs_for_others():
+    """Headroom is the cap minus our leases and the requests vLLM runs that none of them explains."""
+    capacity = make_capacity(("a", 8), ("b", 8))
+    fill(capacity, "b", 2, now=0.5)
+    read(capacity, "a", 1.0, running=5)
+    read(capacity, "b", 1.0, running=2)
+    assert (server_of(capacity, "a").load, server_of(capacity, "b").load) == (5, 2)
+    assert capacity.pick_server() is server_of(capacity, "b")
+
+
 def test_grant_at_cap_is_refused():
     capacity = make_capacity(("a", 2))
     fill(capacity, "a", 2)
@@ -67,9 +98,28 @@ def test_grant_to_unhealthy_server_is_refused():
         capacity.grant(capacity.servers[0], 0.0)
 
 
+def test_no_grant_before_the_first_metrics_reading():
+    """Healthy by /health alone is not enough: what already runs on vLLM is not known yet."""
+    capacity = Capacity([ServerSpec("a", None, 4)], LEASE_TIMEOUT_S)
+    capacity.set_health("a", True, 0.0)
+    assert blocked(capacity) == "unhealthy" and not capacity.is_any_healthy()
+    read(capacity, "a", 0.1, running=0)
+    assert capacity.has_room() and capacity.is_any_healthy()
+
+
+def test_unhealthy_server_loses_its_figures():
+    capacity = make_capacity(("a", 4), min_speed=10)
+    read(capacity, "a", 1.0, running=1, generated=50)
+    capacity.set_health("a", False, 2.0)
+    assert capacity.servers[0].sample is None and capacity.servers[0].generation_rate() is None
+    capacity.set_health("a", True, 3.0)
+    assert blocked(capacity) == "unhealthy"  # until it is read again
+
+
 def test_grant_returns_unique_leases_with_prefix():
     capacity = Capacity([ServerSpec("a", None, 3)], LEASE_TIMEOUT_S, lease_prefix="c1.")
     capacity.set_health("a", True, 0.0)
+    read(capacity, "a", 0.0, running=0)
     leases = fill(capacity, "a", 3)
     assert len(set(leases)) == 3
     assert all(lease.startswith("c1.") for lease in leases)
@@ -85,6 +135,16 @@ def test_release_frees_the_slot():
     assert capacity.release(lease) is capacity.servers[0]
     assert capacity.has_room()
     assert capacity.servers[0].in_flight == 0
+
+
+def test_release_frees_the_slot_before_the_next_reading():
+    """vLLM's last reading still shows the request; the release counts at once all the same."""
+    capacity = make_capacity(("a", 2))
+    first, _ = fill(capacity, "a", 2, now=0.5)
+    read(capacity, "a", 1.0, running=2)
+    assert blocked(capacity) == "full"
+    capacity.release(first)
+    assert capacity.servers[0].load == 1 and capacity.has_room()
 
 
 @pytest.mark.parametrize("lease", ["no-such-lease", ""], ids=["unknown", "empty"])
@@ -111,12 +171,173 @@ def test_release_on_unhealthy_server_frees_but_grants_nothing():
     assert not capacity.has_room()
 
 
-# -- lease expiry -----------------------------------------------------------------------------
+# -- the speed rule -----------------------------------------------------------------------------
+
+# Readings one second apart; the rate is taken between the last two (rate_window_readings=2).
+# Each case: (running, waiting, generated[, prompt] tokens) at t=0 and t=1, our leases at t=1 (granted before
+# the reading), then grants after it; the expected reason once those grants are made.
+@pytest.mark.parametrize("min_speed, first, second, leases, new, expected", [
+    (0, (0, 0, 0), (3, 0, 30), 3, 0, None),                # rule off: 1 token/s each is fine
+    (10, (0, 0, 0), (0, 0, 0), 0, 0, None),                # nothing running always qualifies
+    (10, (4, 0, 0), (4, 0, 200), 4, 0, None),              # 200 tok/s over 4 running: 50 each
+    (10, (4, 0, 0), (4, 0, 200), 4, 3, None),              # 200 / 7 = 28 each, granted since count as running
+    (10, (4, 0, 0), (4, 0, 36), 4, 0, "speed"),            # 9 each
+    (10, (4, 0, 0), (4, 0, 40), 4, 0, None),               # exactly the floor
+    (10, (4, 0, 0), (4, 0, 44), 4, 1, "speed"),            # 11 each, but 44 / 5 < 10 with the new one
+    (10, (4, 0, 0), (4, 1, 400), 4, 0, "vllm_waiting"),    # fast, but vLLM queues already
+    (0, (4, 0, 0), (4, 1, 400), 4, 0, "vllm_waiting"),     # also with the rule off
+    (10, (1, 0, 0), (1, 0, 1000), 1, 4, "burst"),          # fast, but 4 new since the reading
+    (10, (8, 0, 0), (8, 0, 8000), 8, 7, None),             # the load may double per reading...
+    (10, (8, 0, 0), (8, 0, 8000), 8, 8, "burst"),          # ...not more
+    (10, (0, 0, 50), (0, 0, 50), 0, 1, "speed"),           # the first one on an idle server: wait for its speed
+    (10, (2, 0, 0, 9), (2, 0, 0, 90), 2, 0, None),         # prompts read, no token ever generated: pooling...
+    (10, (2, 0, 0, 9), (2, 0, 0, 90), 2, 2, None),
+    (10, (2, 0, 0, 9), (2, 0, 0, 90), 2, 4, "burst"),      # ...still bounded per reading
+    (10, (0, 0, 0), (1, 0, 0), 1, 0, "speed"),             # a fresh server: its speed is not known yet
+    (10, (2, 0, 100), (3, 0, 100), 3, 0, "speed"),         # nothing generated in the window
+    (0, (0, 0, 0), (5, 0, 0), 5, 0, "full"),               # cap 5
+], ids=["off", "idle", "fast", "fast-with-new", "slow", "at-floor", "new-ones-count", "vllm-waiting",
+        "vllm-waiting-rule-off", "burst", "doubling", "more-than-double", "idle-then-one", "pooling",
+        "pooling-new", "pooling-burst", "fresh", "stalled", "full"])
+def test_speed_rule(min_speed, first, second, leases, new, expected):
+    capacity = make_capacity(("a", 5 if expected == "full" else 64), min_speed=min_speed)
+    read(capacity, "a", 0.0, *first)
+    capacity.min_speed = 0  # the leases already running were granted under other conditions
+    fill(capacity, "a", leases, now=0.5)
+    capacity.min_speed = min_speed
+    read(capacity, "a", 1.0, *second)
+    fill(capacity, "a", new, now=1.5)   # each of them allowed by the rule
+    assert blocked(capacity) == expected
+
+
+def test_speed_rule_ramps_up_then_holds_at_the_floor():
+    """A fake GPU whose total rate grows as sqrt(running): 40 tok/s alone, so 40/sqrt(n) each.
+    Granting whenever allowed settles where each request still gets about the floor, 10 tok/s."""
+    capacity = make_capacity(("a", 64), min_speed=10)
+    server = capacity.servers[0]
+    generated = 0.0
+    for second in range(1, 40):
+        running = server.load
+        generated += 40 * math.sqrt(running)
+        read(capacity, "a", float(second), running=running, generated=generated)
+        while capacity.can_take(server):
+            capacity.grant(server, second + 0.5)
+    assert server.load in (16, 17)   # 40/sqrt(16) = 10 tok/s each; the rule grants while it is at least 10
+    assert 40 / math.sqrt(server.load) >= 0.9 * 10
+
+
+def test_speed_uses_the_rate_window():
+    capacity = make_capacity(("a", 64), min_speed=10, rate_window_readings=3)
+    server = capacity.servers[0]
+    for at, total in ((1.0, 100), (2.0, 100), (3.0, 400)):
+        read(capacity, "a", at, running=10, generated=total)
+    assert server.generation_rate() == pytest.approx(150.0)  # over the last two seconds, not the last one
+    assert server.speed_per_request() == pytest.approx(15.0)
+
+
+def test_counter_reset_starts_the_rate_afresh():
+    """vLLM restarted: its counters start from zero; no negative rate, no rate until the next reading."""
+    capacity = make_capacity(("a", 64), min_speed=10)
+    server = capacity.servers[0]
+    read(capacity, "a", 1.0, running=2, generated=1000)
+    read(capacity, "a", 2.0, running=2, generated=1100)
+    outcome = read(capacity, "a", 3.0, running=1, generated=20)
+    assert outcome.counters_reset
+    assert server.generation_rate() is None and blocked(capacity) == "speed"
+    read(capacity, "a", 4.0, running=1, generated=70)
+    assert server.generation_rate() == 50 and blocked(capacity) is None
+
+
+# -- reconciliation with vLLM's counts ----------------------------------------------------------
+
+def test_lost_release_frees_the_slot_once_vllm_reports_the_request_gone():
+    """Gone at two readings in a row: the release was lost (one reading could be a release on its way)."""
+    capacity = make_capacity(("a", 2))
+    fill(capacity, "a", 2, now=0.0)
+    read(capacity, "a", 2.0, running=2)
+    assert blocked(capacity) == "full"
+    assert read(capacity, "a", 3.0, running=1).freed == []   # one request ended: its release may be coming
+    outcome = read(capacity, "a", 4.0, running=1)             # it did not come
+    assert len(outcome.freed) == 1 and capacity.servers[0].load == 1
+    assert capacity.has_room()
+    assert capacity.release(outcome.freed[0]) is None      # a late release of it changes nothing
+    assert capacity.servers[0].load == 1
+
+
+def test_release_on_its_way_is_not_counted_twice():
+    """A reading between the end of a request in vLLM and its release: nothing is freed but by the release."""
+    capacity = make_capacity(("a", 3))
+    _, second, _ = fill(capacity, "a", 3, now=0.0)
+    read(capacity, "a", 2.0, running=3)
+    assert read(capacity, "a", 3.0, running=2).freed == []
+    capacity.release(second)
+    assert read(capacity, "a", 4.0, running=2).freed == []
+    assert capacity.servers[0].load == 2
+
+
+def test_young_lease_is_not_freed_before_it_can_reach_vllm():
+    capacity = make_capacity(("a", 1))
+    [lease] = fill(capacity, "a", 1, now=10.0)
+    for at in (10.2, 10.6, 10.0 + GRACE_S - 0.01):           # within the grace period
+        assert read(capacity, "a", at, running=0).freed == []
+    assert not capacity.has_room()
+    assert read(capacity, "a", 10.0 + GRACE_S + 0.01, running=0).freed == []
+    assert read(capacity, "a", 10.0 + GRACE_S + 0.2, running=0).freed == [lease]
+    assert capacity.has_room()
+
+
+def test_waiting_requests_count_as_present():
+    capacity = make_capacity(("a", 4))
+    fill(capacity, "a", 3, now=0.0)
+    for at in (5.0, 5.5):
+        assert read(capacity, "a", at, running=1, waiting=2).freed == []
+    read(capacity, "a", 6.0, running=1, waiting=1)
+    assert read(capacity, "a", 6.5, running=1, waiting=1).freed != []
+    assert capacity.servers[0].in_flight == 2
+
+
+def test_restarted_consumer_counts_what_vllm_already_runs():
+    capacity = make_capacity(("a", 4))
+    read(capacity, "a", 1.0, running=3, waiting=0)
+    server = capacity.servers[0]
+    assert (server.in_flight, server.foreign, server.headroom) == (0, 3, 1)
+    capacity.grant(server, 1.5)
+    assert blocked(capacity) == "full"
+    read(capacity, "a", 2.0, running=4)                     # ours arrived: still 4 in all
+    assert blocked(capacity) == "full"
+    read(capacity, "a", 3.0, running=2)                     # two of the old ones ended
+    assert (server.foreign, server.headroom) == (1, 2)
+
+
+def test_lease_not_yet_in_vllm_is_not_counted_twice():
+    capacity = make_capacity(("a", 2))
+    fill(capacity, "a", 1, now=0.9)
+    read(capacity, "a", 1.0, running=0)                     # granted, not arrived yet
+    assert capacity.servers[0].load == 1
+    read(capacity, "a", 1.2, running=1)                     # arrived
+    assert capacity.servers[0].load == 1
+
+
+def test_stale_gauges_are_taken_as_zero():
+    """vLLM keeps its last running/waiting after every request was aborted, until an engine step."""
+    capacity = make_capacity(("a", 2))
+    fill(capacity, "a", 2, now=0.0)
+    read(capacity, "a", 1.0, running=2, generated=10)
+    assert read(capacity, "a", 10.0, running=2, generated=10).freed == []
+    assert read(capacity, "a", 1.0 + consumer.STALE_GAUGES_S, running=2, waiting=1, generated=10).gauges_stale
+    outcome = read(capacity, "a", 2.0 + consumer.STALE_GAUGES_S, running=2, waiting=1, generated=10)
+    assert outcome.gauges_stale and len(outcome.freed) == 2
+    assert capacity.has_room()
+    moved = read(capacity, "a", 3.0 + consumer.STALE_GAUGES_S, running=1, generated=11)
+    assert not moved.gauges_stale and capacity.servers[0].load == 1
+
+
+# -- lease expiry: a safety net for bookkeeping only --------------------------------------------
 
 @pytest.mark.parametrize("now, expired_count", [
-    (0.0, 0), (899.9, 0), (900.0, 1), (950.0, 2), (10_000.0, 3),
+    (0.0, 0), (3599.9, 0), (3600.0, 1), (3650.0, 2), (10_000.0, 3),
 ], ids=["at-grant", "just-before", "at-timeout", "two-old", "all"])
-def test_expire_leases_frees_slots_after_lease_timeout(now, expired_count):
+def test_expire_leases_forgets_leases_after_lease_timeout(now, expired_count):
     capacity = make_capacity(("a", 3))
     server = capacity.servers[0]
     leases = [capacity.grant(server, granted_at) for granted_at in (0.0, 50.0, 100.0)]
@@ -127,13 +348,16 @@ def test_expire_leases_frees_slots_after_lease_timeout(now, expired_count):
         assert capacity.release(lease) is None  # a late release of an expired lease is ignored
 
 
-def test_expired_lease_makes_room():
+def test_expired_lease_still_running_keeps_its_slot():
+    """The timer forgets the lease, but vLLM still runs the request: it keeps its slot."""
     capacity = make_capacity(("a", 1), lease_timeout_s=5.0)
     fill(capacity, "a", 1, now=10.0)
-    assert not capacity.has_room()
-    capacity.expire_leases(14.0)
-    assert not capacity.has_room()
+    read(capacity, "a", 14.0, running=1)
     capacity.expire_leases(15.0)
+    assert capacity.servers[0].in_flight == 0 and not capacity.has_room()
+    read(capacity, "a", 15.1, running=1)
+    assert not capacity.has_room()
+    read(capacity, "a", 16.0, running=0)
     assert capacity.pick_server() is capacity.servers[0]
 
 
@@ -148,11 +372,10 @@ def test_set_health_reports_changes_only():
     assert not capacity.is_any_healthy()
 
 
-def test_update_metrics_keeps_last_sample():
+def test_record_sample_keeps_last_sample():
     capacity = make_capacity(("a", 1))
     sample = MetricsSample(running=2, waiting=0, generation_tokens_total=100)
-    capacity.update_metrics("a", sample, 5.0)
-    capacity.update_metrics("a", None, 6.0)  # a failed read keeps the previous sample
+    capacity.record_sample("a", sample, 5.0)
     assert capacity.servers[0].sample == sample
     assert capacity.servers[0].sampled_at == 5.0
 
@@ -168,9 +391,12 @@ def test_parse_vllm_metrics_sums_over_engines():
         'vllm:generation_tokens_total{engine="0",model_name="m"} 1000.0\n'
         'vllm:generation_tokens_total{engine="1",model_name="m"} 234.0\n'
         'vllm:generation_tokens_created{engine="0",model_name="m"} 1.7e9\n'
+        "# TYPE vllm:prompt_tokens counter\n"
+        'vllm:prompt_tokens_total{engine="0",model_name="m"} 50.0\n'
     )
-    assert consumer.parse_vllm_metrics(text) == MetricsSample(5.0, 1.0, 1234.0)
+    assert consumer.parse_vllm_metrics(text) == MetricsSample(5.0, 1.0, 1234.0, 50.0)
     assert consumer.parse_vllm_metrics("# nothing of vLLM\nother_metric 1\n") is None
+    assert consumer.parse_vllm_metrics('vllm:generation_tokens_total{engine="0"} 5.0\n') is None
 
 
 # -- vllm_priority ----------------------------------------------------------------------------
@@ -214,6 +440,31 @@ def test_probe_response(method, target, ready, status):
         assert b'dispatcher_consumer_grants_total{server="http://a:1"} 1.0' in body
 
 
+def test_metrics_show_why_a_server_takes_nothing():
+    """What an operator sees when the GPU is saturated: the speed each user gets, and the reason."""
+    registry = prom.CollectorRegistry()
+    url = "http://a:1"
+    capacity = make_capacity((url, 8), min_speed=10)
+    consumer.Metrics.create(registry, capacity)
+    capacity.min_speed = 0
+    fill(capacity, url, 4, now=0.5)
+    capacity.min_speed = 10
+    read(capacity, url, 1.0, running=4)
+    read(capacity, url, 2.0, running=4, generated=36)
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, {"server": url, **labels})
+
+    assert value("dispatcher_consumer_tokens_per_second_per_request") == pytest.approx(9.0)
+    assert value("dispatcher_consumer_generation_tokens_per_second") == pytest.approx(36.0)
+    assert (value("dispatcher_consumer_vllm_running"), value("dispatcher_consumer_slots_used")) == (4.0, 4.0)
+    assert value("dispatcher_consumer_blocked", reason="speed") == 1.0
+    assert value("dispatcher_consumer_blocked", reason="full") == 0.0
+    capacity.set_health(url, False, 3.0)
+    assert value("dispatcher_consumer_blocked", reason="unhealthy") == 1.0
+    assert math.isnan(value("dispatcher_consumer_tokens_per_second_per_request"))
+
+
 # -- configuration ------------------------------------------------------------------------------
 
 def test_config_defaults():
@@ -222,7 +473,7 @@ def test_config_defaults():
     assert (config.min_tokens_per_second_per_user, config.metrics_refresh_s, config.rpc_queue_expiration_ms,
             config.probe_port, config.max_vllm_connection_attempts, config.forward_priority,
             config.lease_timeout_s, config.rpc_reconnect_attempts, config.max_priority) == \
-        (0.0, 1.0, 30_000, 8081, 100, False, 900.0, 10, 10)
+        (10.0, 1.0, 30_000, 8081, 100, False, 3600.0, 10, 10)
     assert config.rabbitmq_url == "amqp://guest:guest@localhost:5672/"
 
 

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import h11
 import openai
 import pytest
 
@@ -432,3 +433,43 @@ async def test_fastest_mode_answers_without_sleeping(start_fake: StartFake) -> N
         await client.close()
     assert elapsed < 2.0  # 10 ms per round trip at most, client included; about 0.3 ms in practice
     assert header(response, "content-type") == "application/json"
+
+
+async def test_drop_metrics_makes_the_scrape_fail(start_fake: StartFake) -> None:
+    fake = await start_fake()
+    status, _, body = await raw(fake, "POST", "/_fake/control", {"drop_metrics": True})
+    assert status == 200 and json.loads(body)["drop_metrics"] is True
+    with pytest.raises((ConnectionError, h11.RemoteProtocolError)):  # closed without an answer
+        await raw(fake, "GET", "/metrics")
+    assert (await raw(fake, "GET", "/health"))[0] == 200    # only the scrape fails
+    fake.configure(drop_metrics=False)
+    assert (await raw(fake, "GET", "/metrics"))[0] == 200
+
+
+async def test_restart_cuts_requests_in_flight_and_zeroes_the_counters(start_fake: StartFake) -> None:
+    """What a consumer sees when vLLM restarts: its streams break and its counters go down."""
+    fake = await start_fake(tpot_ms=10)
+    async with sdk(fake) as client:
+        await client.completions.create(model="fake-model", prompt="a b", max_tokens=5)
+        stream = await client.completions.create(model="fake-model", prompt="a", max_tokens=1000, stream=True)
+        with pytest.raises(openai.APIError):
+            async for chunk in stream:
+                if fake.running == 1 and fake.engine.generation_tokens > 10:
+                    status, _, _ = await raw(fake, "POST", "/_fake/restart")
+                    assert status == 200
+    assert (fake.running, fake.engine.generation_tokens, fake.engine.prompt_tokens) == (0, 0, 0)
+    metrics = (await raw(fake, "GET", "/metrics"))[2].decode()
+    assert 'vllm:generation_tokens_total{engine="0",model_name="fake-model"} 0.0' in metrics
+    async with sdk(fake) as client:  # and it serves again
+        assert (await client.completions.create(model="fake-model", prompt="a", max_tokens=2)).choices[0].text
+
+
+async def test_stats_report_the_most_requests_that_ran_at_once(start_fake: StartFake) -> None:
+    fake = await start_fake(tpot_ms=5)
+    async with sdk(fake) as client:
+        await asyncio.gather(*[client.completions.create(model="fake-model", prompt="a", max_tokens=10)
+                               for _ in range(3)])
+    stats = json.loads((await raw(fake, "GET", "/_fake/stats"))[2])
+    assert (stats["running"], stats["max_running"], stats["generation_tokens"]) == (0, 3, 30)
+    await raw(fake, "POST", "/_fake/reset")
+    assert json.loads((await raw(fake, "GET", "/_fake/stats"))[2])["max_running"] == 0
