@@ -204,9 +204,9 @@ def test_consumer_configuration_parses_and_points_at_its_own_vllm(rendered: dict
 
 
 @pytest.mark.parametrize(("case_id", "model", "parallel", "min_speed", "forward"), [
-    pytest.param("default", "qwen2-5-7b-instruct", 16, 0.0, False, id="chart-defaults"),
-    pytest.param("two-models", "llama-3-1-8b", 32, 0.0, True, id="model-overrides-parallel-and-priority"),
-    pytest.param("two-models", "qwen-72b-awq", 16, 12.5, False, id="model-overrides-speed-floor"),
+    pytest.param("default", "qwen2-5-7b-instruct", 64, 10.0, False, id="chart-defaults"),
+    pytest.param("two-models", "llama-3-1-8b", 32, 10.0, True, id="model-overrides-parallel-and-priority"),
+    pytest.param("two-models", "qwen-72b-awq", 64, 12.5, False, id="model-overrides-speed-floor"),
 ])
 def test_consumer_capacity_settings(rendered: dict[str, Objects], case_id: str, model: str, parallel: int,
                                     min_speed: float, forward: bool) -> None:
