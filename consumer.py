@@ -738,9 +738,11 @@ class Dispatcher:
                       vllm_priority=vllm_priority(request.priority, self._config.max_priority,
                                                   self._config.forward_priority))
         try:
+            # wait=False: queued for the socket in order, before the ack below; no wait for the write.
             await channel.basic_publish(
-                encode(grant), routing_key=reply_to,
-                properties=spec.Basic.Properties(correlation_id=properties.correlation_id, delivery_mode=1))
+                encode(grant), routing_key=reply_to, wait=False,
+                properties=spec.Basic.Properties(correlation_id=properties.correlation_id, delivery_mode=1,
+                                                 message_id=lease))
         except BaseException:
             self._capacity.release(lease)
             raise
@@ -748,7 +750,7 @@ class Dispatcher:
         log.debug("granted %s on %s (priority %d)", lease, server.url, request.priority)
         # Before the ack: once acked, a prefetch-1 consumer would be sent the next request at once.
         await self._maybe_pause()
-        await channel.basic_ack(delivery_tag)
+        await channel.basic_ack(delivery_tag, wait=False)
 
     async def on_release(self, message: DeliveredMessage) -> None:
         try:
@@ -864,7 +866,10 @@ class Dispatcher:
             delay = min(delay * 2, RECONNECT_DELAY_MAX_S)
 
     async def _serve(self, connection: AbstractConnection) -> None:
-        channel = await connection.channel()
+        # No publisher confirms: a grant goes through direct reply-to, which is at-most-once, so a
+        # broker confirm would not say that the sender got it (the sender's time-out and the
+        # reconciliation with vLLM cover a lost grant); waiting for one would only slow every grant.
+        channel = await connection.channel(publisher_confirms=False)
         await channel.basic_qos(prefetch_count=1)
         await channel.exchange_declare(ANNOUNCE_EXCHANGE, exchange_type="fanout")
         await self._declare_model_queue(channel)
