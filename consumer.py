@@ -759,12 +759,16 @@ class Dispatcher:
             log.warning("ignored a malformed release: %s", exc)
             return
         async with self._lock:
-            server = self._capacity.release(release.lease)
-            if server is None:
-                log.debug("release of unknown lease %s ignored (expired or released twice)", release.lease)
-                return
-            self._metrics.releases.labels(server.url).inc()
-            await self._maybe_consume_safely()
+            freed = False
+            for lease in release.leases:
+                server = self._capacity.release(lease)
+                if server is None:
+                    log.debug("release of unknown lease %s ignored (expired or released twice)", lease)
+                    continue
+                self._metrics.releases.labels(server.url).inc()
+                freed = True
+            if freed:
+                await self._maybe_consume_safely()
 
     async def update_servers(self, readings: Mapping[str, ServerReading]) -> None:
         """Applies a round of readings (health, speed, reconciliation of slots), forgets leases past the

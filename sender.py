@@ -74,6 +74,7 @@ TOKEN_CACHE_MAX_ENTRIES = 100_000
 RETRY_AFTER_QUEUE_FULL_S = 1
 RETRY_AFTER_UNAVAILABLE_S = 5
 SHUTDOWN_GRACE_S = 25.0
+HANGUP_WATCH_DELAY_S = 0.05         # a request still running after this gets a reader that notices a hang-up
 RECONNECT_DELAY_MIN_S = 0.5
 RECONNECT_DELAY_MAX_S = 10.0
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
@@ -353,7 +354,8 @@ class CapacityClient:
 
     - Grant requests go to the model's priority queue with `reply_to` = direct reply-to
       (no reply queue at all); replies are matched to waiting futures by correlation id.
-    - Releases go out on a channel without publisher confirms: nothing waits for them.
+    - Releases go out on a channel without publisher confirms: nothing waits for them, and those
+      of one event-loop turn are gathered into one message per consumer.
     - Queue lengths (ready messages) are read every 100 ms with a passive queue.declare per
       live model, so the threshold check needs no broker round trip on the request path.
     - aiormq does not reconnect; `maintain` does, with back-off. When the connection drops, every
@@ -375,6 +377,7 @@ class CapacityClient:
         self._failures = 0
         self._ever_connected = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._releases: dict[str, list[str]] = {}  # release_to -> leases, sent at the end of this loop turn
 
     # -- state read by the request path (no I/O) --
 
@@ -434,15 +437,15 @@ class CapacityClient:
         finally:
             self._pending.pop(correlation_id, None)
 
-    async def release_grant(self, grant: Grant) -> None:
+    async def publish_releases(self, release_to: str, leases: list[str]) -> None:
         channel = self._release
         if channel is None:
-            return  # the consumer's lease time-out frees the slot
+            return  # the consumer's reconciliation with vLLM frees the slots
         try:
-            await channel.basic_publish(encode(Release(grant.lease)), routing_key=grant.release_to,
+            await channel.basic_publish(encode(Release(tuple(leases))), routing_key=release_to,
                                         properties=RELEASE_PROPERTIES, wait=False)
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
-            log.warning("release of a grant failed: %s", type(exc).__name__)
+            log.warning("release of %d grant(s) failed: %s", len(leases), type(exc).__name__)
 
     # -- broker callbacks --
 
@@ -454,7 +457,7 @@ class CapacityClient:
             return
         future = self._pending.pop(message.header.properties.correlation_id or "", None)
         if future is None or future.done():
-            await self.release_grant(grant)
+            self.release_soon(grant)  # nobody waits for it any more
             return
         future.set_result(grant)
 
@@ -556,9 +559,18 @@ class CapacityClient:
         self._pending.clear()
 
     def release_soon(self, grant: Grant) -> None:
-        task = asyncio.ensure_future(self.release_grant(grant))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        """Gives a grant back. Not a coroutine, so that a cancelled handler cannot lose it; the
+        releases of one event-loop turn go out as one message per consumer."""
+        if not self._releases:
+            asyncio.get_running_loop().call_soon(self._flush_releases)
+        self._releases.setdefault(grant.release_to, []).append(grant.lease)
+
+    def _flush_releases(self) -> None:
+        releases, self._releases = self._releases, {}
+        for release_to, leases in releases.items():
+            task = asyncio.ensure_future(self.publish_releases(release_to, leases))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -991,7 +1003,7 @@ async def proxy(service: Service, client: ClientConnection, request: Request, to
     config = service.config
     # 1. read body (401 was checked on the head; a too large body is refused before it is read)
     body = await read_body(client, request, config.max_body_bytes)
-    hangup.start()
+    hangup.start_soon()
     # 2. read model
     model = read_model(request.headers, body)
     priority = effective_priority(token, request.headers)
@@ -1142,15 +1154,23 @@ class HangupWatch:
     socket). Pipelined bytes are handed to h11, which keeps them for the next cycle.
     """
 
-    __slots__ = ("client", "handler", "task", "hung_up")
+    __slots__ = ("client", "handler", "task", "timer", "hung_up")
 
     def __init__(self, client: ClientConnection, handler: asyncio.Task[Any]) -> None:
         self.client = client
         self.handler = handler
         self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
         self.hung_up = False
 
-    def start(self) -> None:
+    def start_soon(self) -> None:
+        """Starts watching if the request is still being answered after HANGUP_WATCH_DELAY_S: most
+        answers come sooner, and then cost no task at all (a client leaving in between is caught
+        by the failed write, or by the watch once it runs)."""
+        self.timer = asyncio.get_running_loop().call_later(HANGUP_WATCH_DELAY_S, self._start)
+
+    def _start(self) -> None:
+        self.timer = None
         self.task = asyncio.create_task(self._watch())
 
     async def _watch(self) -> None:
@@ -1166,6 +1186,9 @@ class HangupWatch:
             self.client.h11.receive_data(data)
 
     async def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         task, self.task = self.task, None
         if task is None or task.done():
             return

@@ -216,7 +216,7 @@ class Broker:
 
     async def release(self, grant: Grant) -> None:
         assert self.channel is not None
-        await self.channel.basic_publish(encode(Release(grant.lease)), routing_key=grant.release_to)
+        await self.channel.basic_publish(encode(Release((grant.lease,))), routing_key=grant.release_to)
 
     async def next_grant(self, timeout_s: float = 5.0) -> tuple[str | None, Grant]:
         async with asyncio.timeout(timeout_s):

@@ -57,7 +57,8 @@ def test_env_float_rejects_nan() -> None:
                                 vllm_priority=3), id="grant"),
     pytest.param(messages.Grant(lease="l1", url="http://h", api_key=None, release_to="q", vllm_priority=None),
                  id="grant-no-key"),
-    pytest.param(messages.Release(lease="l1"), id="release"),
+    pytest.param(messages.Release(leases=("l1",)), id="release"),
+    pytest.param(messages.Release(leases=("l1", "l2", "l3")), id="release-several"),
     pytest.param(messages.Announcement(model="m", consumer="c", card={"id": "m", "max_model_len": 4096}),
                  id="announcement"),
 ])
@@ -73,6 +74,8 @@ def test_messages_round_trip(message) -> None:
     pytest.param(messages.decode_grant, b'{"lease": 1, "url": "u", "release_to": "q"}', id="wrong-type"),
     pytest.param(messages.decode_grant_request, b'{"priority": true}', id="bool-is-not-int"),
     pytest.param(messages.decode_release, b"{}", id="missing-field"),
+    pytest.param(messages.decode_release, b'{"leases": []}', id="no-lease"),
+    pytest.param(messages.decode_release, b'{"leases": ["a", 2]}', id="lease-not-string"),
     pytest.param(messages.decode_grant, b'{"lease": "l", "url": "http://h", "release_to": "q", '
                  b'"api_key": "k\\r\\nX-Injected: 1", "vllm_priority": null}', id="header-injection-key"),
     pytest.param(messages.decode_announcement, b'{"model": "m", "consumer": "c", "card": {}, "alive": 1}',

@@ -139,3 +139,24 @@ def test_headers_named_in_connection_are_dropped_both_ways() -> None:
     assert b"x-trace-hop" not in out and out[b"x-kept"] == b"1"
     assert sender.response_headers([(b"connection", b"x-up"), (b"x-up", b"1"), (b"x-kept", b"2")]) == [
         (b"x-kept", b"2")]
+
+
+async def test_releases_of_one_loop_turn_go_out_as_one_message_per_consumer(monkeypatch) -> None:
+    import asyncio
+
+    import prometheus_client as prom
+
+    capacity = sender.CapacityClient("amqp://unused", 10, 3, sender.Metrics.create(prom.CollectorRegistry()).queue_waiting)
+    published: list[tuple[str, list[str]]] = []
+
+    async def publish_releases(release_to: str, leases: list[str]) -> None:
+        published.append((release_to, leases))
+
+    monkeypatch.setattr(capacity, "publish_releases", publish_releases)
+    for lease, release_to in (("a", "consumer-1"), ("b", "consumer-2"), ("c", "consumer-1")):
+        capacity.release_soon(Grant(lease=lease, url="http://v", api_key=None, release_to=release_to,
+                                    vllm_priority=None))
+    assert published == []  # nothing is sent before the end of this loop turn
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert sorted(published) == [("consumer-1", ["a", "c"]), ("consumer-2", ["b"])]
