@@ -1128,8 +1128,15 @@ async def serve_connection(service: Service, client: ClientConnection) -> None:
         except UpstreamError as error:
             log.warning("vLLM failed mid-response: %s", error)
             return  # closing without the final chunk: the client sees an error, not a short success
-        except (ClientGone, ConnectionError, TimeoutError):
-            outcome["status"] = 499  # gone, or a body that stopped arriving (nginx's code)
+        except TimeoutError:  # the request body stopped arriving (every other wait has its own error)
+            outcome["status"] = 408
+            if client.can_start_response():
+                await client.send_error(ApiError(408, "The request body did not arrive in time.",
+                                                 code="request_timeout", close=True))
+                await client.close_gracefully()
+            return
+        except (ClientGone, ConnectionError):
+            outcome["status"] = 499  # the client went away (nginx's code for it)
             return
         except asyncio.CancelledError:
             if hangup.hung_up and this_task.uncancel() == 0:

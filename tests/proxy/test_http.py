@@ -393,3 +393,15 @@ async def test_shutdown_closes_idle_connections_and_lets_streams_finish(start_pr
     response, body = await streaming.read_response()
     assert response.status_code == 200 and body == b"data: first\n\ndata: last\n\n"
     await asyncio.wait_for(shutdown, 5)
+
+
+async def test_slow_body_gets_408_then_close(start_proxy, monkeypatch) -> None:
+    monkeypatch.setattr(sender, "BODY_IDLE_TIMEOUT_S", 0.05)
+    proxy = await start_proxy("http://127.0.0.1:9")
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer sk-high\r\n"
+                 b"content-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\": ")
+    answer = await asyncio.wait_for(reader.read(), 5)  # answered, then closed
+    assert answer.startswith(b"HTTP/1.1 408 ") and b'"code":"request_timeout"' in answer
+    assert proxy.capacity.granted == []
+    writer.close()
