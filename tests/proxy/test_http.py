@@ -405,3 +405,23 @@ async def test_slow_body_gets_408_then_close(start_proxy, monkeypatch) -> None:
     assert answer.startswith(b"HTTP/1.1 408 ") and b'"code":"request_timeout"' in answer
     assert proxy.capacity.granted == []
     writer.close()
+
+
+async def test_chunked_request_body_reaches_vllm_whole_with_a_length(start_proxy, upstream) -> None:
+    async def handler(reader, writer):
+        await scripted.read_request(reader)
+        writer.write(ok_json())
+        await writer.drain()
+
+    scripted, url = await upstream(handler)
+    proxy = await start_proxy(url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer sk-high\r\n"
+                 b"content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+                 b"a\r\n{\"model\": \r\n" + b"%x\r\n" % (len(CHAT) - 10) + CHAT[10:] + b"\r\n0\r\n\r\n")
+    answer = await asyncio.wait_for(reader.readuntil(b'{"ok":true}'), 5)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    head, _, body = scripted.requests[0].partition(b"\r\n\r\n")
+    assert body == b'{"model": ' + CHAT[10:]
+    assert b"content-length: %d" % len(body) in head.lower() and b"transfer-encoding" not in head.lower()
+    writer.close()
