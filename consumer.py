@@ -799,11 +799,11 @@ class Dispatcher:
     def _apply_sample(self, url: str, sample: MetricsSample, read_at: float) -> None:
         outcome = self._capacity.record_sample(url, sample, read_at)
         if outcome.counters_reset:
-            log.warning("vLLM %s token counters went down: it restarted; speed measured afresh", url)
+            log.warning("vLLM %s generation counters went down: it restarted; speed measured afresh", url)
         if outcome.gauges_stale != (url in self._stale_gauges):
             if outcome.gauges_stale:
                 self._stale_gauges.add(url)
-                log.warning("vLLM %s reports %g running, %g waiting, but no token moved for %.0fs: taking its "
+                log.warning("vLLM %s reports %g running, %g waiting, but no output moved for %.0fs: taking its "
                             "gauges as stale (vLLM issue #22545)", url, sample.running, sample.waiting,
                             STALE_GAUGES_S)
             else:

@@ -274,7 +274,7 @@ class TokenStore:
                         "SELECT name, priority, threshold FROM tokens WHERE token_sha256 = $1 AND revoked_at IS NULL",
                         digest)
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("token lookup failed: %s", type(exc).__name__)
+                log.warning("credential lookup in PostgreSQL failed: %s", type(exc).__name__)
                 raise ApiError(503, "The token store is unreachable; try again shortly.", type="server_error",
                                code="token_store_unavailable", retry_after_s=RETRY_AFTER_UNAVAILABLE_S) from None
             return None if row is None else TokenInfo(row["name"], row["priority"], row["threshold"])
@@ -1252,7 +1252,7 @@ async def run(config: Config) -> None:
             stack.callback(metrics_server.shutdown)
 
         server = await start_server(service, config.host, config.port)
-        log.info("sender listening on %s:%d (tokens from %s)", config.host, server.port,
+        log.info("sender listening on %s:%d (credentials from %s)", config.host, server.port,
                  "PostgreSQL" if config.database_url else config.tokens_file)
 
         stop = asyncio.Event()
