@@ -75,6 +75,7 @@ from common.config import (ConfigError, env_bool, env_float, env_int, env_str, l
 from common.messages import (ANNOUNCE_EXCHANGE, ANNOUNCE_INTERVAL_S, ANNOUNCE_TTL_S, Announcement, Grant,
                              MessageError, decode_grant_request, decode_release, encode, is_valid_model_id,
                              model_queue)
+from common.tasks import cancel_and_wait
 
 log = logging.getLogger("consumer")
 
@@ -1084,11 +1085,6 @@ async def run(config: Config) -> None:
         await dispatcher.shut_down()
         for task in done - {stopping}:
             task.result()  # a background task that ended on its own has crashed: surface it
-
-
-async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
 
 
 def main() -> None:

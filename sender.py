@@ -56,6 +56,7 @@ from common.config import (ConfigError, env_float, env_int, env_str, log_level, 
 from common.messages import (ANNOUNCE_EXCHANGE, Grant, GrantRequest, MessageError, Release,
                              decode_announcement, decode_grant, encode, is_valid_model_id,
                              model_queue)
+from common.tasks import cancel_and_wait
 
 log = logging.getLogger("sender")
 
@@ -615,7 +616,10 @@ class UpstreamConnection:
         self.idle_since = 0.0
 
     async def send_request(self, request: h11.Request, body: bytes) -> None:
-        self.writer.write(self.h11.send(request) + self.h11.send(h11.Data(data=body)) + self.h11.send(h11.EndOfMessage()))
+        # send_with_data_passthrough hands the body back as is: a large upload is not copied again.
+        self.writer.writelines([*self.h11.send_with_data_passthrough(request),
+                                *self.h11.send_with_data_passthrough(h11.Data(data=body)),
+                                *self.h11.send_with_data_passthrough(h11.EndOfMessage())])
         await self.writer.drain()
 
     async def next_event(self, timeout_s: float) -> Any:
@@ -1310,11 +1314,6 @@ async def start_server(service: Service, host: str, port: int) -> Server:
 
     server = await asyncio.start_server(on_connect, host, port, limit=READ_CHUNK_BYTES, backlog=1024)
     return Server(service, server, connections)
-
-
-async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
 
 
 def main() -> None:

@@ -23,8 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import free_port, wait_until
+from tests.helpers import free_port, http, wait_until
 from tests.images.dockerfile import (
     DockerIgnore,
     Image,
@@ -244,19 +242,6 @@ def run_as(image: Image) -> dict[str, Any]:
     if os.geteuid() != 0 or not python or not world_can_run(Path(python)):
         return {}
     return {"user": int(uid), "group": int(gid or uid), "extra_groups": []}
-
-
-def http(url: str, body: dict[str, Any] | None = None, token: str | None = None,
-         timeout_s: float = 5.0) -> tuple[int, bytes]:
-    headers = {"content-type": "application/json"} if body is not None else {}
-    if token:
-        headers["authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
 
 
 @dataclass

@@ -12,8 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,7 +21,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.helpers import free_port, wait_until
+from tests.helpers import free_port, http, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -31,21 +29,11 @@ DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.
 
 
 def http_get(url: str, timeout_s: float = 2.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
+    return http(url, timeout_s=timeout_s)
 
 
 def http_post_json(url: str, payload: dict[str, Any], timeout_s: float = 5.0) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
-                                     headers={"content-type": "application/json"}, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
+    return http(url, payload, timeout_s=timeout_s)
 
 
 @dataclass
@@ -152,9 +140,8 @@ class Stack:
     def served(self, sender: Service, model: str, token: str) -> None:
         """Waits until `sender` lists `model` (consumers announce every few seconds)."""
         def listed() -> bool:
-            request = urllib.request.Request(sender.url + "/v1/models", headers={"authorization": f"Bearer {token}"})
-            with urllib.request.urlopen(request, timeout=2) as response:
-                return model in [m["id"] for m in json.loads(response.read())["data"]]
+            status, body = http(sender.url + "/v1/models", token=token, timeout_s=2)
+            return status == 200 and model in [m["id"] for m in json.loads(body)["data"]]
         wait_until(listed, timeout_s=15, interval_s=0.2, what=f"{model} to be listed by the sender")
 
     def stop(self) -> None:

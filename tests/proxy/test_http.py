@@ -55,11 +55,19 @@ class ScriptedUpstream:
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[Callable[[Handler], Awaitable[tuple[ScriptedUpstream, str]]]]:
+async def upstream() -> AsyncIterator[Callable[..., Awaitable[tuple[ScriptedUpstream, str]]]]:
+    """`make(handler)` runs `handler` per connection; `make(answer=bytes)` reads one request and
+    writes those bytes, the usual case."""
     servers: list[ScriptedUpstream] = []
 
-    async def make(handler: Handler) -> tuple[ScriptedUpstream, str]:
-        server = ScriptedUpstream(handler)
+    async def make(handler: Handler | None = None, *, answer: bytes | None = None) -> tuple[ScriptedUpstream, str]:
+        async def answer_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            assert answer is not None
+            writer.write(answer)
+            await writer.drain()
+
+        server = ScriptedUpstream(handler or answer_once)
         servers.append(server)
         return server, await server.start()
 
@@ -75,12 +83,7 @@ def ok_json(body: bytes = b'{"ok":true}') -> bytes:
 
 async def test_request_forwarded_byte_for_byte_with_credentials_replaced(start_proxy, upstream) -> None:
     """The body is the client's bytes; our token, X-Priority and a client X-Vllm-Priority never reach vLLM."""
-    async def handler(reader, writer):
-        await scripted.read_request(reader)
-        writer.write(ok_json())
-        await writer.drain()
-
-    scripted, url = await upstream(handler)
+    scripted, url = await upstream(answer=ok_json())
     proxy = await start_proxy(url, api_key="vllm-key", vllm_priority=3)
     body = b'{"model": "proxy-model",   "messages": [],\n "extra": "\xc3\xa9"}'
     client = await RawClient.connect(proxy.port)
@@ -185,13 +188,8 @@ async def test_client_hangup_while_waiting_closes_upstream_and_releases(start_pr
 async def test_vllm_error_passed_through_untouched(start_proxy, upstream) -> None:
     error = b'{"error":{"message":"max_tokens=99999 cannot be greater than max_model_len=4096","type":"BadRequestError","param":"max_tokens","code":400}}'
 
-    async def handler(reader, writer):
-        await scripted.read_request(reader)
-        writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nx-vllm: 1\r\n"
-                     b"content-length: %d\r\n\r\n%s" % (len(error), error))
-        await writer.drain()
-
-    scripted, url = await upstream(handler)
+    scripted, url = await upstream(answer=b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                                          b"x-vllm: 1\r\ncontent-length: %d\r\n\r\n%s" % (len(error), error))
     proxy = await start_proxy(url)
     client = await RawClient.connect(proxy.port)
     response, body = await client.request("POST", "/v1/chat/completions", [AUTH, JSON], CHAT)
@@ -263,12 +261,7 @@ async def test_unauthorized_answered_before_body_with_expect_continue(start_prox
 
 
 async def test_expect_continue_gets_100_then_the_answer(start_proxy, upstream) -> None:
-    async def handler(reader, writer):
-        await scripted.read_request(reader)
-        writer.write(ok_json())
-        await writer.drain()
-
-    scripted, url = await upstream(handler)
+    scripted, url = await upstream(answer=ok_json())
     proxy = await start_proxy(url)
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer sk-high\r\n"
@@ -312,12 +305,7 @@ async def test_slow_head_is_dropped_after_header_timeout(start_proxy, monkeypatc
 
 
 async def test_multipart_body_routed_by_its_model_field(start_proxy, upstream) -> None:
-    async def handler(reader, writer):
-        await scripted.read_request(reader)
-        writer.write(ok_json())
-        await writer.drain()
-
-    scripted, url = await upstream(handler)
+    scripted, url = await upstream(answer=ok_json())
     proxy = await start_proxy(url)
     body = (b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
             b"Content-Type: audio/wav\r\n\r\nRIFF\x00\x01binary\r\n"
@@ -408,12 +396,7 @@ async def test_slow_body_gets_408_then_close(start_proxy, monkeypatch) -> None:
 
 
 async def test_chunked_request_body_reaches_vllm_whole_with_a_length(start_proxy, upstream) -> None:
-    async def handler(reader, writer):
-        await scripted.read_request(reader)
-        writer.write(ok_json())
-        await writer.drain()
-
-    scripted, url = await upstream(handler)
+    scripted, url = await upstream(answer=ok_json())
     proxy = await start_proxy(url)
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer sk-high\r\n"
