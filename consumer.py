@@ -70,6 +70,7 @@ from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 from pamqp import commands as spec
 from prometheus_client.parser import text_string_to_metric_families
 
+from common import amqp
 from common.config import (ConfigError, env_bool, env_float, env_int, env_str, log_level, rabbitmq_url,
                            setup_logging)
 from common.messages import (ANNOUNCE_EXCHANGE, ANNOUNCE_INTERVAL_S, ANNOUNCE_TTL_S, Announcement, Grant,
@@ -845,7 +846,7 @@ class Dispatcher:
         while not self._stopping:
             try:
                 async with asyncio.timeout(RABBITMQ_CONNECT_TIMEOUT_S):
-                    connection = await aiormq.connect(self._config.rabbitmq_url)
+                    connection = await amqp.connect(self._config.rabbitmq_url)
             except (aiormq.exceptions.AMQPError, OSError) as exc:
                 self._failures += 1
                 log.warning("RabbitMQ unreachable (%s, attempt %d); retrying in %.1fs",

@@ -51,6 +51,7 @@ import uvloop
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
+from common import amqp
 from common.config import (ConfigError, env_float, env_int, env_str, log_level, rabbitmq_url,
                            setup_logging)
 from common.messages import (ANNOUNCE_EXCHANGE, Grant, GrantRequest, MessageError, Release,
@@ -490,7 +491,7 @@ class CapacityClient:
         delay = RECONNECT_DELAY_MIN_S
         while True:
             try:
-                connection = await aiormq.connect(self._url)
+                connection = await amqp.connect(self._url)
             except Exception as exc:  # noqa: BLE001 - see the docstring
                 self._failures += 1
                 log.warning("RabbitMQ unreachable (%s, attempt %d); retrying in %.1fs",
@@ -736,13 +737,20 @@ class ClientConnection:
         await self.drain()
 
     def write(self, event: Any) -> None:
+        self.write_all(self.encode(event))
+
+    def encode(self, event: Any) -> list[bytes]:
+        """The bytes of one event; a Data event's payload is handed back as is, not copied."""
         try:
-            data = self.h11.send(event)
+            return self.h11.send_with_data_passthrough(event)
         except h11.LocalProtocolError:
             self.h11.send_failed()
             raise
-        if data:
-            self.writer.write(data)
+
+    def write_all(self, parts: list[bytes]) -> None:
+        """One socket write for all `parts` (each write is a send() of its own on loopback and LAN)."""
+        if parts:
+            self.writer.writelines(parts)
 
     async def drain(self) -> None:
         try:
@@ -757,16 +765,17 @@ class ClientConnection:
     async def send_json(self, status: int, payload: Any) -> None:
         self.status = status
         body = orjson.dumps(payload)
-        self.write(h11.Response(status_code=status, headers=[*JSON_HEADERS, (b"content-length", str(len(body)).encode())]))
-        self.write(h11.Data(data=body))
-        await self.send(h11.EndOfMessage())
+        await self.send_whole(h11.Response(status_code=status, headers=[*JSON_HEADERS,
+                                                                        (b"content-length", str(len(body)).encode())]),
+                              body)
 
     async def send_error(self, error: ApiError) -> None:
         self.status = error.status
-        response, body = render_error(error)
-        self.write(response)
-        self.write(h11.Data(data=body))
-        await self.send(h11.EndOfMessage())
+        await self.send_whole(*render_error(error))
+
+    async def send_whole(self, response: h11.Response, body: bytes) -> None:
+        self.write_all([*self.encode(response), *self.encode(h11.Data(data=body)), *self.encode(h11.EndOfMessage())])
+        await self.drain()
 
     async def close_gracefully(self) -> None:
         """Stop writing, read and discard what the client still sends for a while, then close.
@@ -972,15 +981,21 @@ async def send_upstream(service: Service, grant: Grant, request: Request, body: 
 
 async def relay_response(client: ClientConnection, connection: UpstreamConnection, head: h11.Response,
                          timeout_s: float) -> None:
-    """Streams vLLM's response to the client as it arrives, with back-pressure on a slow client."""
-    client.write(h11.Response(status_code=head.status_code, headers=response_headers(head.headers),
-                              reason=head.reason, _parsed=True))  # headers h11 parsed, as above
-    await client.drain()
+    """Streams vLLM's response to the client as it arrives, with back-pressure on a slow client.
+
+    What one read from vLLM brings (often the head, the body and its end; or many SSE chunks) goes
+    to the client in one socket write, before the next read; nothing waits for more to arrive.
+    """
+    out = client.encode(h11.Response(status_code=head.status_code, headers=response_headers(head.headers),
+                                     reason=head.reason, _parsed=True))  # headers h11 parsed, as above
     upstream = connection.h11
     reader = connection.reader
     while True:
         event = upstream.next_event()
         if event is h11.NEED_DATA:
+            client.write_all(out)
+            out = []
+            await client.drain()
             try:
                 async with asyncio.timeout(timeout_s):
                     data = await reader.read(READ_CHUNK_BYTES)
@@ -990,14 +1005,15 @@ async def relay_response(client: ClientConnection, connection: UpstreamConnectio
                 upstream.receive_data(data)
             except h11.ProtocolError as exc:
                 raise UpstreamError(f"vLLM sent a bad response: {exc}", before_response=False) from None
-            await client.drain()
             continue
         if type(event) is h11.Data:
-            client.write(h11.Data(data=event.data))
+            out += client.encode(h11.Data(data=event.data))
         elif type(event) is h11.EndOfMessage:
-            await client.send(h11.EndOfMessage())
+            client.write_all(out + client.encode(h11.EndOfMessage()))
+            await client.drain()
             return
-        else:  # ConnectionClosed before the end of the body
+        else:  # ConnectionClosed before the end of the body: what came is relayed, then the close
+            client.write_all(out)
             raise UpstreamError("vLLM closed the connection mid-response", before_response=False)
 
 
