@@ -17,11 +17,14 @@ running, and at most max(GRANTS_PER_READING_MIN, load) are granted per reading, 
 reading cannot flood a server. A server with nothing running always qualifies.
 
 Invariants:
-- No priority inversion. With prefetch 1, the model queue is consumed only while some server can
-  take a request, and the consumer is cancelled *before* acking the request that took the last
-  slot. While no server can take one (full, or too slow), nothing is held unacked, so a
-  high-priority request that arrives later is the next one the broker delivers (RabbitMQ never
-  reorders messages already delivered); the rule is checked again at every reading and release.
+- No priority inversion. The model queue is consumed only while some server can take a request,
+  and the consumer is cancelled *before* acking the request that took the last slot. While no
+  server can take one (full, or too slow), nothing is held unacked, so a high-priority request that
+  arrives later is the next one the broker delivers (RabbitMQ never reorders messages already
+  delivered); the rule is checked again at every reading and release. The prefetch is 1, or
+  PREFETCH_ROOMY while the servers have room for many more (`Capacity.room`): the broker then sends
+  a few requests at once, each granted as it arrives, which keeps the queue's order and spares a
+  broker round trip per grant. Near the limits it drops back to 1 before the room runs out.
 - Every decision (which server, may I grant now, which slots are really in use) is made by
   `Capacity`, which does no I/O and takes the time as an argument. The AMQP handlers only decode,
   decide, reply and ack, one at a time under one lock (aiormq runs each delivery in its own task).
@@ -84,6 +87,9 @@ DEFAULT_MAX_PARALLEL_REQUESTS = 64           # a backstop: below it, the speed r
 DEFAULT_MIN_TOKENS_PER_SECOND_PER_USER = 10.0  # a little faster than anyone reads (about 7 words a second)
 DEFAULT_LEASE_TIMEOUT_S = 3600.0    # bookkeeping only: vLLM's counts free lost slots, in seconds
 GRANTS_PER_READING_MIN = 4          # with the speed rule, new grants per reading: max(this, load at the reading)
+PREFETCH_ROOMY = 8                  # grant requests in flight to us at once while there is room for many more:
+PREFETCH_ROOMY_FROM = 4 * PREFETCH_ROOMY   # taken up when this many grants would fit,
+PREFETCH_ROOMY_UNTIL = 2 * PREFETCH_ROOMY  # and back to 1 below this (a switch costs three broker round trips)
 LEASE_GRACE_MIN_S = 1.0             # a younger lease may not have reached vLLM's counts yet...
 LEASE_GRACE_REFRESHES = 3           # ...nor one granted within this many metrics refreshes
 RATE_WINDOW_S = 1.0                 # the generation rate is taken over at least this long (and one refresh)
@@ -295,6 +301,25 @@ class Server:
             return None
         return rate / self.sample.running
 
+    def room(self, min_speed: float) -> int:
+        """How many requests this server may take one after another before its next reading: the
+        number of grants `blocked_reason` would allow in a row (0 when it says no now)."""
+        if self.blocked_reason(min_speed) is not None:
+            return 0
+        room = self.max_parallel - self.load
+        if min_speed <= 0:
+            return room
+        room = min(room, max(GRANTS_PER_READING_MIN, self.load_at_reading) - self.pending())
+        sample = self.sample
+        assert sample is not None  # not blocked, so it has a reading
+        if sample.generation_tokens_total == 0 and sample.prompt_tokens_total > 0:
+            return room  # a pooling model: the speed rule does not apply
+        rate = self.generation_rate()
+        if rate is None:
+            return min(room, 1)  # nothing runs yet: the first one may go, the next needs a rate
+        # Grant k (from 0) is allowed while the load it finds is 0 or rate / load >= min_speed.
+        return min(room, max(0, math.floor(rate / min_speed) - self.load + 1))
+
     def blocked_reason(self, min_speed: float) -> str | None:
         """Why this server may not take a request now; None when it may. The whole rule, in order."""
         sample = self.sample
@@ -342,6 +367,10 @@ class Capacity:
 
     def has_room(self) -> bool:
         return any(self.can_take(server) for server in self.servers)
+
+    def room(self) -> int:
+        """Grants the servers would take one after another before the next reading."""
+        return sum(server.room(self.min_speed) for server in self.servers)
 
     def is_any_healthy(self) -> bool:
         """A server answers /health and /metrics: the consumer can grant once it has room."""
@@ -669,8 +698,10 @@ async def fetch_model_card(vllm: VllmClient, capacity: Capacity, model: str) -> 
 class Dispatcher:
     """Owns the RabbitMQ connection and turns deliveries into grants, one decision at a time.
 
-    - The model queue is consumed (prefetch 1) only while `capacity.has_room()`: `_maybe_consume`
-      and `_maybe_pause` are called after every change of capacity, under the lock.
+    - The model queue is consumed only while `capacity.has_room()`: `_maybe_consume` and
+      `_maybe_pause` are called after every change of capacity, under the lock. The prefetch is 1,
+      or PREFETCH_ROOMY while `capacity.room()` is large; RabbitMQ applies a new prefetch to new
+      consumers only, so a change is a cancel, a basic.qos and a new consume.
     - Releases arrive on this consumer's own queue `dispatcher.release.<id>` (no-ack). It is not
       exclusive but expires a minute after its last consumer, so it outlives a reconnect.
     - The model queue is redeclared every tick, since x-expires would delete it while we are full.
@@ -691,6 +722,7 @@ class Dispatcher:
         self._lock = asyncio.Lock()
         self._channel: AbstractChannel | None = None
         self._consumer_tag: str | None = None
+        self._prefetch = 1
         self._stopping = False
         self._failures = 0
         self._ever_connected = False
@@ -752,6 +784,7 @@ class Dispatcher:
         log.debug("granted %s on %s (priority %d)", lease, server.url, request.priority)
         # Before the ack: once acked, a prefetch-1 consumer would be sent the next request at once.
         await self._maybe_pause()
+        await self._maybe_consume()  # resumes at once when the pause was only to change the prefetch
         await channel.basic_ack(delivery_tag, wait=False)
 
     async def on_release(self, message: DeliveredMessage) -> None:
@@ -828,15 +861,31 @@ class Dispatcher:
         channel = self._channel
         if channel is None or self._consumer_tag is not None or self._stopping or not self._capacity.has_room():
             return
+        prefetch = self._wanted_prefetch()
+        if prefetch != self._prefetch:
+            await channel.basic_qos(prefetch_count=prefetch)
+            self._prefetch = prefetch
+            log.debug("prefetch %d", prefetch)
         consume_ok = await channel.basic_consume(self._model_queue, self.on_request)
         self._consumer_tag = consume_ok.consumer_tag
 
     async def _maybe_pause(self) -> None:
+        """Cancels the consumer when no server has room, or to change the prefetch."""
         channel = self._channel
-        if channel is None or self._consumer_tag is None or (self._capacity.has_room() and not self._stopping):
+        if channel is None or self._consumer_tag is None:
+            return
+        if self._capacity.has_room() and not self._stopping and self._wanted_prefetch() == self._prefetch:
             return
         consumer_tag, self._consumer_tag = self._consumer_tag, None
         await channel.basic_cancel(consumer_tag)
+
+    def _wanted_prefetch(self) -> int:
+        """Several requests in flight to us only while far more would be granted: each one that arrives
+        is granted at once, as with prefetch 1, and no broker round trip separates two grants."""
+        room = self._capacity.room()
+        if room >= PREFETCH_ROOMY_FROM or (self._prefetch > 1 and room >= PREFETCH_ROOMY_UNTIL):
+            return PREFETCH_ROOMY
+        return 1
 
     # -- connection lifecycle --
 
@@ -877,6 +926,7 @@ class Dispatcher:
         # reconciliation with vLLM cover a lost grant); waiting for one would only slow every grant.
         channel = await connection.channel(publisher_confirms=False)
         await channel.basic_qos(prefetch_count=1)
+        self._prefetch = 1
         await channel.exchange_declare(ANNOUNCE_EXCHANGE, exchange_type="fanout")
         await self._declare_model_queue(channel)
         await channel.queue_declare(self.release_queue, arguments={"x-expires": RELEASE_QUEUE_EXPIRES_MS})

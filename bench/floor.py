@@ -2,8 +2,10 @@
 
 The requester does what the sender does for each request (publish with a priority on a priority
 queue, mandatory, with publisher confirms, reply through direct reply-to, matched by correlation
-id); the responder, in another process like the consumer, answers at once and acks. No HTTP, no
-vLLM: what is left is the broker and the client library.
+id); the responder, in another process like the consumer, answers at once and acks. Both open
+their connection the way the services do (`common.amqp.connect`: aiormq, the frames of one
+event-loop turn in one socket write). No HTTP, no vLLM: what is left is the broker and the
+client library.
 
     python bench/floor.py --concurrency 64 --duration 5     # prints one JSON line
 """
@@ -24,12 +26,15 @@ import aiormq
 import uvloop
 from pamqp import commands as spec
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from common import amqp  # noqa: E402
+
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REPLY_TO = "amq.rabbitmq.reply-to"
 
 
 async def respond(queue: str) -> None:
-    connection = await aiormq.connect(RABBITMQ_URL)
+    connection = await amqp.connect(RABBITMQ_URL)
     channel = await connection.channel()
     await channel.basic_qos(prefetch_count=64)
     await channel.queue_declare(queue, arguments={"x-max-priority": 10, "x-expires": 60000})
@@ -46,7 +51,7 @@ async def respond(queue: str) -> None:
 
 
 async def request(queue: str, concurrency: int, duration_s: float) -> dict[str, float]:
-    connection = await aiormq.connect(RABBITMQ_URL)
+    connection = await amqp.connect(RABBITMQ_URL)
     channel = await connection.channel()
     pending: dict[str, asyncio.Future[None]] = {}
 

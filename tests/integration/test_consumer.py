@@ -341,6 +341,28 @@ async def test_full_server_holds_nothing_and_grants_high_priority_first(broker, 
     assert order == ["high", "low-1", "low-2"]
 
 
+async def test_roomy_consumer_takes_several_at_once_yet_keeps_priority_and_cap(broker, vllm, start_consumer):
+    """With room for 40, the consumer has several requests in flight to it at once (prefetch 8), and
+    drops back to one before the room runs out: from a queue of 60, the 20 high-priority ones are
+    granted first, exactly 40 in all, and the 20 left stay in the queue, none held unacked."""
+    assert broker.channel is not None
+    await broker.channel.queue_declare(model_queue(vllm.model), arguments={"x-max-priority": 10, "x-expires": 10000})
+    for index in range(40):
+        await broker.request(vllm.model, 1, f"low-{index}")
+    for index in range(20):
+        await broker.request(vllm.model, 9, f"high-{index}")
+    consumer = await start_consumer(vllm, MAX_PARALLEL_REQUESTS="40")
+
+    granted = [(await broker.next_grant())[0] for _ in range(40)]
+    vllm.running = 40  # each granted request runs on vLLM until its release
+    await broker.expect_no_grant()
+    assert sorted(granted[:20]) == sorted(f"high-{index}" for index in range(20))
+    assert all(correlation_id.startswith("low-") for correlation_id in granted[20:])
+    assert await broker.ready_messages(vllm.model) == 20
+    log = consumer.log()
+    assert "prefetch 8" in log and "prefetch 1" in log  # took several at once, then one by one near the cap
+
+
 async def test_waiting_requests_outlive_queue_expiration_while_every_slot_is_in_use(broker, vllm, start_consumer):
     """x-expires deletes a queue that has no consumer, and a full consumer has none on its queue:
     it must renew the queue (by redeclaring it) or the waiting requests are lost."""

@@ -176,7 +176,7 @@ def test_release_on_unhealthy_server_frees_but_grants_nothing():
 # Readings one second apart; the rate is taken between the last two (rate_window_readings=2).
 # Each case: (running, waiting, generated[, prompt] tokens) at t=0 and t=1, our leases at t=1 (granted before
 # the reading), then grants after it; the expected reason once those grants are made.
-@pytest.mark.parametrize("min_speed, first, second, leases, new, expected", [
+SPEED_RULE_CASES = pytest.mark.parametrize("min_speed, first, second, leases, new, expected", [
     (0, (0, 0, 0), (3, 0, 30), 3, 0, None),                # rule off: 1 token/s each is fine
     (10, (0, 0, 0), (0, 0, 0), 0, 0, None),                # nothing running always qualifies
     (10, (4, 0, 0), (4, 0, 200), 4, 0, None),              # 200 tok/s over 4 running: 50 each
@@ -199,7 +199,9 @@ def test_release_on_unhealthy_server_frees_but_grants_nothing():
 ], ids=["off", "idle", "fast", "fast-with-new", "slow", "at-floor", "new-ones-count", "vllm-waiting",
         "vllm-waiting-rule-off", "burst", "doubling", "more-than-double", "idle-then-one", "pooling",
         "pooling-new", "pooling-burst", "fresh", "stalled", "full"])
-def test_speed_rule(min_speed, first, second, leases, new, expected):
+
+
+def speed_rule_case(min_speed, first, second, leases, new, expected) -> Capacity:
     capacity = make_capacity(("a", 5 if expected == "full" else 64), min_speed=min_speed)
     read(capacity, "a", 0.0, *first)
     capacity.min_speed = 0  # the leases already running were granted under other conditions
@@ -207,7 +209,34 @@ def test_speed_rule(min_speed, first, second, leases, new, expected):
     capacity.min_speed = min_speed
     read(capacity, "a", 1.0, *second)
     fill(capacity, "a", new, now=1.5)   # each of them allowed by the rule
+    return capacity
+
+
+@SPEED_RULE_CASES
+def test_speed_rule(min_speed, first, second, leases, new, expected):
+    capacity = speed_rule_case(min_speed, first, second, leases, new, expected)
     assert blocked(capacity) == expected
+
+
+@SPEED_RULE_CASES
+def test_room_is_the_number_of_grants_the_rule_allows_in_a_row(min_speed, first, second, leases, new, expected):
+    """`room` (which sizes the prefetch) must agree with the rule itself, grant by grant."""
+    capacity = speed_rule_case(min_speed, first, second, leases, new, expected)
+    server = capacity.servers[0]
+    room = capacity.room()
+    granted = 0
+    while capacity.can_take(server):
+        capacity.grant(server, 1.5)
+        granted += 1
+        assert capacity.room() == room - granted
+    assert granted == room
+
+
+def test_room_adds_up_over_servers_and_ignores_unhealthy_ones():
+    capacity = make_capacity(("a", 10), ("b", 30), ("c", 50))
+    fill(capacity, "b", 5)
+    capacity.set_health("c", False, 1.0)
+    assert capacity.room() == 10 + 25
 
 
 def test_speed_rule_ramps_up_then_holds_at_the_floor():
