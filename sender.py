@@ -1007,7 +1007,7 @@ async def relay_response(client: ClientConnection, connection: UpstreamConnectio
                 raise UpstreamError(f"vLLM sent a bad response: {exc}", before_response=False) from None
             continue
         if type(event) is h11.Data:
-            out += client.encode(h11.Data(data=event.data))
+            out += client.encode(event)  # h11 events are immutable: vLLM's chunk is sent on as it came
         elif type(event) is h11.EndOfMessage:
             client.write_all(out + client.encode(h11.EndOfMessage()))
             await client.drain()
@@ -1235,9 +1235,10 @@ def log_outcome(service: Service, request: Request, outcome: dict[str, Any], sta
         label = model if service.capacity.is_live(model) else "(not served)"
         service.metrics.requests.labels(label, str(status), str(outcome["priority"])).inc()
     path = request.target.split(b"?", 1)[0]
-    log.log(logging.DEBUG if path.startswith(b"/health/") else logging.INFO,  # probes would drown the rest
-            "%s %s model=%s priority=%s status=%s %.1fms", request.method.decode(), path.decode("latin-1"),
-            model, outcome["priority"], status, (time.monotonic() - started) * 1000)
+    level = logging.DEBUG if path.startswith(b"/health/") else logging.INFO  # probes would drown the rest
+    if log.isEnabledFor(level):
+        log.log(level, "%s %s model=%s priority=%s status=%s %.1fms", request.method.decode(), path.decode("latin-1"),
+                model, outcome["priority"], status, (time.monotonic() - started) * 1000)
 
 
 # ---------------------------------------------------------------------------------------------
