@@ -107,6 +107,20 @@ def ensure_wrk() -> str:
     return wrk
 
 
+def rabbitmq_cpu_s() -> float:
+    """CPU seconds of the local RabbitMQ (its Erlang VM, all threads); 0 when it runs elsewhere."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if "(beam.smp)" in text:
+            fields = text.rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return total
+
+
 class Bench:
     def __init__(self, short: bool) -> None:
         self.short = short
@@ -174,7 +188,7 @@ class Bench:
     def cpu(self) -> dict[str, float]:
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         return {**{name: p.cpu_s() for name, p in self.processes.items()},
-                "client": usage.ru_utime + usage.ru_stime}
+                "client": usage.ru_utime + usage.ru_stime, "rabbitmq": rabbitmq_cpu_s()}
 
     def wrk_run(self, workload: str, target: str, connections: int, threads: int, body: str) -> Row:
         url = (self.fake_url if target == "direct" else self.sender_url) + "/v1/chat/completions"
@@ -304,7 +318,8 @@ class Bench:
         ]
 
     def report(self, command: str) -> str:
-        lines = ["| workload | target | req/s | p50 ms | p90 ms | p99 ms | errors | CPU s: fake / consumer / sender / wrk |",
+        lines = ["| workload | target | req/s | p50 ms | p90 ms | p99 ms | errors "
+                 "| CPU s: fake / consumer / sender / RabbitMQ / wrk |",
                  "|---|---|---:|---:|---:|---:|---:|---|"]
         by_workload: dict[str, dict[str, Row]] = {}
         for row in self.rows:
@@ -312,12 +327,16 @@ class Bench:
             cpu = row.cpu_s
             lines.append(f"| {row.workload} | {row.target} | {row.rps:.0f} | {row.p50_ms:.2f} | {row.p90_ms:.2f} | "
                          f"{row.p99_ms:.2f} | {row.errors} | {cpu['fake-vllm']:.1f} / {cpu['consumer']:.1f} / "
-                         f"{cpu['sender']:.1f} / {cpu['client']:.1f} |")
-        lines += ["", "| workload | through / direct req/s | p50 added ms | p99 added ms |", "|---|---:|---:|---:|"]
+                         f"{cpu['sender']:.1f} / {cpu['rabbitmq']:.1f} / {cpu['client']:.1f} |")
+        lines += ["", "| workload | through / direct req/s | p50 added ms | p99 added ms "
+                  "| CPU ms per request through: sender / consumer / RabbitMQ |", "|---|---:|---:|---:|---|"]
         for workload, pair in by_workload.items():
             direct, through = pair["direct"], pair["through"]
+            count = through.rps * self.duration_s
+            per_request = " / ".join(f"{through.cpu_s[name] * 1000 / count:.2f}"
+                                     for name in ("sender", "consumer", "rabbitmq"))
             lines.append(f"| {workload} | {through.rps / direct.rps:.2f} | {through.p50_ms - direct.p50_ms:.2f} | "
-                         f"{through.p99_ms - direct.p99_ms:.2f} |")
+                         f"{through.p99_ms - direct.p99_ms:.2f} | {per_request} |")
         floor1, floor64 = self.extra["floor1"], self.extra["floor64"]
         lines += ["", "| floor: bare aiormq RPC through RabbitMQ | round trips/s | p50 ms | p90 ms | p99 ms |",
                   "|---|---:|---:|---:|---:|"]
