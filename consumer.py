@@ -721,6 +721,7 @@ class Dispatcher:
         self.release_queue = RELEASE_QUEUE_PREFIX + consumer_id
         self._lock = asyncio.Lock()
         self._channel: AbstractChannel | None = None
+        self._fast: amqp.FastChannel | None = None  # the same channel, for the grant and its ack
         self._consumer_tag: str | None = None
         self._prefetch = 1
         self._stopping = False
@@ -771,12 +772,12 @@ class Dispatcher:
         grant = Grant(lease=lease, url=server.url, api_key=server.api_key, release_to=self.release_queue,
                       vllm_priority=vllm_priority(request.priority, self._config.max_priority,
                                                   self._config.forward_priority))
+        fast = self._fast
+        assert fast is not None and fast.aiormq is channel
         try:
-            # wait=False: queued for the socket in order, before the ack below; no wait for the write.
-            await channel.basic_publish(
-                encode(grant), routing_key=reply_to, wait=False,
-                properties=spec.Basic.Properties(correlation_id=properties.correlation_id, delivery_mode=1,
-                                                 message_id=lease))
+            # Written in this loop turn, before the ack below (both below aiormq: common/amqp.py).
+            fast.basic_publish(encode(grant), routing_key=reply_to, correlation_id=properties.correlation_id,
+                               delivery_mode=1, message_id=lease)
         except BaseException:
             self._capacity.release(lease)
             raise
@@ -785,7 +786,7 @@ class Dispatcher:
         # Before the ack: once acked, a prefetch-1 consumer would be sent the next request at once.
         await self._maybe_pause()
         await self._maybe_consume()  # resumes at once when the pause was only to change the prefetch
-        await channel.basic_ack(delivery_tag, wait=False)
+        fast.basic_ack(delivery_tag)
 
     async def on_release(self, message: DeliveredMessage) -> None:
         try:
@@ -909,10 +910,10 @@ class Dispatcher:
                 log.warning("RabbitMQ connection lost or refused: %s", exc or type(exc).__name__)
             finally:
                 served = self._channel is not None
-                self._channel = None
+                self._channel = self._fast = None
                 self._consumer_tag = None
-                if not connection.is_closed:
-                    await connection.close()
+                if not connection.aiormq.is_closed:
+                    await connection.aiormq.close()
             if served:
                 delay = RECONNECT_DELAY_MIN_S
             else:  # e.g. a declare refused (406: another consumer declared the queue with other arguments)
@@ -920,11 +921,12 @@ class Dispatcher:
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_DELAY_MAX_S)
 
-    async def _serve(self, connection: AbstractConnection) -> None:
+    async def _serve(self, connection: amqp.Connection) -> None:
         # No publisher confirms: a grant goes through direct reply-to, which is at-most-once, so a
         # broker confirm would not say that the sender got it (the sender's time-out and the
         # reconciliation with vLLM cover a lost grant); waiting for one would only slow every grant.
-        channel = await connection.channel(publisher_confirms=False)
+        fast = await connection.channel(publisher_confirms=False)
+        channel = fast.aiormq
         await channel.basic_qos(prefetch_count=1)
         self._prefetch = 1
         await channel.exchange_declare(ANNOUNCE_EXCHANGE, exchange_type="fanout")
@@ -932,7 +934,7 @@ class Dispatcher:
         await channel.queue_declare(self.release_queue, arguments={"x-expires": RELEASE_QUEUE_EXPIRES_MS})
         await channel.basic_consume(self.release_queue, self.on_release, no_ack=True)
         async with self._lock:
-            self._channel = channel
+            self._channel, self._fast = channel, fast
             self._consumer_tag = None
             await self._maybe_consume()
         self._failures = 0
@@ -940,7 +942,7 @@ class Dispatcher:
         log.info("connected to RabbitMQ: serving %s, releases on %s", self._model_queue, self.release_queue)
         ticker = asyncio.create_task(self._tick_while_connected(channel))
         try:
-            await wait_closed(connection, channel)
+            await wait_closed(connection.aiormq, channel)
         finally:
             await cancel_and_wait(ticker)
 

@@ -49,7 +49,6 @@ import orjson
 import prometheus_client as prom
 import uvloop
 from aiormq.abc import DeliveredMessage
-from pamqp import commands as spec
 
 from common import amqp
 from common.config import (ConfigError, env_float, env_int, env_str, log_level, rabbitmq_url,
@@ -80,7 +79,6 @@ HANGUP_WATCH_DELAY_S = 0.05         # a request still running after this gets a 
 RECONNECT_DELAY_MIN_S = 0.5
 RECONNECT_DELAY_MAX_S = 10.0
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
-RELEASE_PROPERTIES = spec.Basic.Properties(delivery_mode=1, message_id="release")  # aiormq would draw a uuid
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus the framing headers we set anew on each side.
 HOP_BY_HOP = frozenset({
@@ -369,8 +367,8 @@ class CapacityClient:
         self._queue_waiting = queue_waiting
         self._max_priority = max_priority
         self._reconnect_attempts = reconnect_attempts
-        self._rpc: aiormq.abc.AbstractChannel | None = None
-        self._release: aiormq.abc.AbstractChannel | None = None
+        self._rpc: amqp.FastChannel | None = None
+        self._release: amqp.FastChannel | None = None
         self._pending: dict[str, asyncio.Future[Grant]] = {}
         self._ids = itertools.count()
         self._id_prefix = os.urandom(4).hex() + "-"
@@ -378,7 +376,6 @@ class CapacityClient:
         self._queue_lengths: dict[str, int] = {}
         self._failures = 0
         self._ever_connected = False
-        self._tasks: set[asyncio.Task[None]] = set()
         self._releases: dict[str, list[str]] = {}  # release_to -> leases, sent at the end of this loop turn
 
     # -- state read by the request path (no I/O) --
@@ -410,16 +407,15 @@ class CapacityClient:
         self._pending[correlation_id] = future
         try:
             expiration_ms = max(1, int((deadline - time.monotonic()) * 1000))
-            properties = spec.Basic.Properties(
-                priority=min(priority, self._max_priority), correlation_id=correlation_id,
-                reply_to=DIRECT_REPLY_TO, expiration=str(expiration_ms), message_id=correlation_id,
-                delivery_mode=1)
             try:
+                # Confirmed and mandatory: a queue that is gone comes back as PublishError at once.
+                confirmation = channel.basic_publish(
+                    encode(GrantRequest(priority)), routing_key=model_queue(model), mandatory=True,
+                    priority=min(priority, self._max_priority), correlation_id=correlation_id,
+                    reply_to=DIRECT_REPLY_TO, expiration=str(expiration_ms), message_id=correlation_id,
+                    delivery_mode=1)
                 async with asyncio.timeout_at(deadline):
-                    # wait=False: no wait for the socket write; the broker's confirm is still awaited,
-                    # and with mandatory=True a missing queue comes back as PublishError.
-                    await channel.basic_publish(encode(GrantRequest(priority)), routing_key=model_queue(model),
-                                                properties=properties, mandatory=True, wait=False)
+                    await confirmation  # type: ignore[misc]
                     return await future
             except TimeoutError:
                 raise ApiError(503, f"No capacity for model `{model}` was granted in time; try again later.",
@@ -439,13 +435,12 @@ class CapacityClient:
         finally:
             self._pending.pop(correlation_id, None)
 
-    async def publish_releases(self, release_to: str, leases: list[str]) -> None:
+    def publish_releases(self, release_to: str, leases: list[str]) -> None:
         channel = self._release
         if channel is None:
             return  # the consumer's reconciliation with vLLM frees the slots
         try:
-            await channel.basic_publish(encode(Release(tuple(leases))), routing_key=release_to,
-                                        properties=RELEASE_PROPERTIES, wait=False)
+            channel.basic_publish(encode(Release(tuple(leases))), routing_key=release_to, delivery_mode=1)
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             log.warning("release of %d grant(s) failed: %s", len(leases), type(exc).__name__)
 
@@ -506,26 +501,26 @@ class CapacityClient:
             finally:
                 self._rpc = self._release = None
                 self._fail_pending()
-                if not connection.is_closed:
-                    await connection.close()
+                if not connection.aiormq.is_closed:
+                    await connection.aiormq.close()
             delay = RECONNECT_DELAY_MIN_S
             await asyncio.sleep(delay)
 
-    async def _serve(self, connection: aiormq.abc.AbstractConnection) -> None:
+    async def _serve(self, connection: amqp.Connection) -> None:
         rpc = await connection.channel()
-        await rpc.basic_consume(DIRECT_REPLY_TO, self.on_reply, no_ack=True)
+        await rpc.aiormq.basic_consume(DIRECT_REPLY_TO, self.on_reply, no_ack=True)
         release = await connection.channel(publisher_confirms=False)
-        await release.exchange_declare(ANNOUNCE_EXCHANGE, exchange_type="fanout")
-        announcements = await release.queue_declare("", exclusive=True, auto_delete=True)
-        await release.queue_bind(announcements.queue, ANNOUNCE_EXCHANGE)
-        await release.basic_consume(announcements.queue, self.on_announcement, no_ack=True)
+        await release.aiormq.exchange_declare(ANNOUNCE_EXCHANGE, exchange_type="fanout")
+        announcements = await release.aiormq.queue_declare("", exclusive=True, auto_delete=True)
+        await release.aiormq.queue_bind(announcements.queue, ANNOUNCE_EXCHANGE)
+        await release.aiormq.basic_consume(announcements.queue, self.on_announcement, no_ack=True)
         self._rpc, self._release = rpc, release
         self._failures = 0
         self._ever_connected = True
         log.info("connected to RabbitMQ")
-        poller = asyncio.create_task(self._poll_queue_lengths(connection))
+        poller = asyncio.create_task(self._poll_queue_lengths(connection.aiormq))
         try:
-            await connection.closing
+            await connection.aiormq.closing
         finally:
             poller.cancel()
             await asyncio.gather(poller, return_exceptions=True)
@@ -570,9 +565,7 @@ class CapacityClient:
     def _flush_releases(self) -> None:
         releases, self._releases = self._releases, {}
         for release_to, leases in releases.items():
-            task = asyncio.ensure_future(self.publish_releases(release_to, leases))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.publish_releases(release_to, leases)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1057,7 +1050,7 @@ async def proxy(service: Service, client: ClientConnection, request: Request, to
         if connection is not None:
             service.upstream.release(connection)
         in_flight.dec()
-        service.capacity.release_soon(grant)  # a task: a hang-up cancelling us cannot lose it
+        service.capacity.release_soon(grant)  # not awaited: a hang-up cancelling us cannot lose it
 
 
 async def list_models(service: Service, client: ClientConnection, model_id: str | None) -> None:

@@ -2,12 +2,14 @@
 
 The requester does what the sender does for each request (publish with a priority on a priority
 queue, mandatory, with publisher confirms, reply through direct reply-to, matched by correlation
-id); the responder, in another process like the consumer, answers at once and acks. Both open
-their connection the way the services do (`common.amqp.connect`: aiormq, the frames of one
-event-loop turn in one socket write). No HTTP, no vLLM: what is left is the broker and the
-client library.
+id); the responder, in another process like the consumer, answers at once and acks (no confirms,
+prefetch 64). No HTTP, no vLLM: what is left is the broker and the client library, which is one of
 
-    python bench/floor.py --concurrency 64 --duration 5     # prints one JSON line
+- `--client aiormq`: aiormq's own API (`aiormq.connect`, `basic_publish`, `basic_ack`);
+- `--client dispatcher` (default): the path the services take (`common/amqp.py`: the same aiormq
+  connection with one socket write per event-loop turn, publish and ack encoded below aiormq).
+
+    python bench/floor.py --concurrency 64 --duration 5 [--client aiormq]    # prints one JSON line
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import time
 import uuid
+from typing import Any
 
 import aiormq
 import uvloop
@@ -33,26 +36,41 @@ RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672
 REPLY_TO = "amq.rabbitmq.reply-to"
 
 
-async def respond(queue: str) -> None:
-    connection = await amqp.connect(RABBITMQ_URL)
-    channel = await connection.channel()
+async def open_channel(client: str, *, publisher_confirms: bool) -> tuple[Any, amqp.FastChannel | None]:
+    """An aiormq channel; with client "dispatcher", opened like the services open theirs, plus its FastChannel."""
+    if client == "aiormq":
+        connection = await aiormq.connect(RABBITMQ_URL)
+        return await connection.channel(publisher_confirms=publisher_confirms), None
+    fast = await (await amqp.connect(RABBITMQ_URL)).channel(publisher_confirms=publisher_confirms)
+    return fast.aiormq, fast
+
+
+async def respond(queue: str, client: str) -> None:
+    """Like the consumer: no publisher confirms, the reply then the ack, nothing awaited."""
+    channel, fast = await open_channel(client, publisher_confirms=False)
     await channel.basic_qos(prefetch_count=64)
     await channel.queue_declare(queue, arguments={"x-max-priority": 10, "x-expires": 60000})
 
     async def on_request(message: aiormq.abc.DeliveredMessage) -> None:
         properties = message.header.properties
-        await channel.basic_publish(b'{"lease":"x"}', routing_key=properties.reply_to,
-                                    properties=spec.Basic.Properties(correlation_id=properties.correlation_id))
-        await channel.basic_ack(message.delivery.delivery_tag)
+        if fast is not None:
+            fast.basic_publish(b'{"lease":"x"}', routing_key=properties.reply_to,
+                               correlation_id=properties.correlation_id, delivery_mode=1, message_id="x")
+            fast.basic_ack(message.delivery.delivery_tag)
+            return
+        await channel.basic_publish(b'{"lease":"x"}', routing_key=properties.reply_to, wait=False,
+                                    properties=spec.Basic.Properties(correlation_id=properties.correlation_id,
+                                                                     delivery_mode=1, message_id="x"))
+        await channel.basic_ack(message.delivery.delivery_tag, wait=False)
 
     await channel.basic_consume(queue, on_request)
     print("ready", flush=True)
     await asyncio.Event().wait()
 
 
-async def request(queue: str, concurrency: int, duration_s: float) -> dict[str, float]:
-    connection = await amqp.connect(RABBITMQ_URL)
-    channel = await connection.channel()
+async def request(queue: str, concurrency: int, duration_s: float, client: str) -> dict[str, float]:
+    """Like the sender: confirmed and mandatory, the confirm awaited, then the reply."""
+    channel, fast = await open_channel(client, publisher_confirms=True)
     pending: dict[str, asyncio.Future[None]] = {}
 
     async def on_reply(message: aiormq.abc.DeliveredMessage) -> None:
@@ -72,17 +90,20 @@ async def request(queue: str, concurrency: int, duration_s: float) -> dict[str, 
             future = loop.create_future()
             pending[correlation_id] = future
             started = time.perf_counter()
-            await channel.basic_publish(b'{"priority":5}', routing_key=queue, mandatory=True,
-                                        properties=spec.Basic.Properties(
-                                            priority=5, correlation_id=correlation_id, reply_to=REPLY_TO,
-                                            expiration="60000", message_id=correlation_id, delivery_mode=1))
+            properties = {"priority": 5, "correlation_id": correlation_id, "reply_to": REPLY_TO,
+                          "expiration": "60000", "message_id": correlation_id, "delivery_mode": 1}
+            if fast is not None:
+                await fast.basic_publish(b'{"priority":5}', routing_key=queue, mandatory=True, **properties)
+            else:
+                await channel.basic_publish(b'{"priority":5}', routing_key=queue, mandatory=True, wait=False,
+                                            properties=spec.Basic.Properties(**properties))
             await future
             latencies.append(time.perf_counter() - started)
 
     started = time.monotonic()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.monotonic() - started
-    await connection.close()
+    await channel.connection.close()
     latencies.sort()
 
     def percentile(p: float) -> float:
@@ -96,20 +117,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--client", choices=("dispatcher", "aiormq"), default="dispatcher",
+                        help="dispatcher: the AMQP path of the services (common/amqp.py); aiormq: its plain API")
     parser.add_argument("--responder", metavar="QUEUE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.responder:
-        uvloop.run(respond(args.responder))
+        uvloop.run(respond(args.responder, args.client))
         return
     queue = f"bench.floor.{uuid.uuid4().hex[:8]}"
-    responder = subprocess.Popen([sys.executable, __file__, "--responder", queue], stdout=subprocess.PIPE)
+    responder = subprocess.Popen([sys.executable, __file__, "--responder", queue, "--client", args.client],
+                                 stdout=subprocess.PIPE)
     try:
         assert responder.stdout is not None and responder.stdout.readline().strip() == b"ready"
-        result = uvloop.run(request(queue, args.concurrency, args.duration))
+        result = uvloop.run(request(queue, args.concurrency, args.duration, args.client))
     finally:
         responder.terminate()
         responder.wait()
-    print(json.dumps({"concurrency": args.concurrency, **result}))
+    print(json.dumps({"concurrency": args.concurrency, "client": args.client, **result}))
 
 
 if __name__ == "__main__":

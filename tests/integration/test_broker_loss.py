@@ -1,16 +1,21 @@
-"""When the sender loses RabbitMQ: waiting clients are answered 503, never left hanging; readiness turns red."""
+"""When the sender loses RabbitMQ, or a queue: clients get 503 or 404 at once, never left hanging; readiness turns red."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import json
 import socket
 import threading
 import time
 import urllib.parse
 
+import aiormq
 import openai
+import pytest
 
-from tests.helpers import wait_until
+from common.messages import model_queue
+from tests.helpers import http, wait_until
 from tests.integration.conftest import RABBITMQ_URL, Stack, Tokens, http_get, queue_ready_count
 
 PROMPT = [{"role": "user", "content": "hello"}]
@@ -107,3 +112,32 @@ def test_broker_loss_answers_waiting_requests_with_503(stack: Stack, tokens: Tok
                what="readiness to turn red")
     assert http_get(sender.url + "/health/liveness")[0] == 200
     held.close()
+
+
+def test_queue_gone_while_the_model_is_still_listed_is_404_at_once(stack: Stack, tokens: Tokens,
+                                                                   unique_model: str) -> None:
+    """The sender lists a model for a few seconds after its consumer's last announcement; if the queue is
+    gone by then, the grant request comes back from the broker (mandatory) and the client gets 404
+    at once, not a 503 after the grant timeout."""
+    fake = stack.fake_vllm(unique_model)
+    consumer = stack.consumer(unique_model, fake.url)
+    sender = stack.sender()
+    stack.served(sender, unique_model, tokens.high)
+    consumer.kill()  # no goodbye: the sender keeps the model listed until its announcement expires
+    asyncio.run(delete_queue(model_queue(unique_model)))
+    status, body = http(sender.url + "/v1/models", token=tokens.high)
+    assert status == 200 and unique_model in [model["id"] for model in json.loads(body)["data"]]
+
+    client = openai.OpenAI(base_url=sender.url + "/v1", api_key=tokens.high, max_retries=0, timeout=10)
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model=unique_model, messages=PROMPT, max_tokens=1)
+    assert caught.value.body["code"] == "model_not_found"
+
+
+async def delete_queue(queue: str) -> None:
+    connection = await aiormq.connect(RABBITMQ_URL)
+    try:
+        channel = await connection.channel()
+        await channel.queue_delete(queue)
+    finally:
+        await connection.close()
