@@ -5,8 +5,8 @@
   (the sender's reply address) and `expiration` (milliseconds left before the sender gives up).
 - Grant: the consumer answers with `Grant` to `reply_to`, with the same `correlation_id`.
 - Release: when the response has ended (or failed, or the client left), the sender publishes
-  `Release` to the consumer's own queue, named in the grant (`release_to`); the releases of one
-  event-loop turn for one consumer travel in one message.
+  `Release` to the consumer's own queue, named in the grant (`release_to`); the releases of a
+  few milliseconds for one consumer travel in one message.
 - Announcement: each consumer publishes `Announcement` on the fanout exchange
   `ANNOUNCE_EXCHANGE` every `ANNOUNCE_INTERVAL_S`; senders list a model while an announcement
   for it is younger than `ttl_s`, and drop it at once on an announcement with `alive=False`.
@@ -64,7 +64,7 @@ class Grant:
 
 @dataclass(frozen=True, slots=True)
 class Release:
-    leases: tuple[str, ...]    # a sender gathers the releases of one event-loop turn per consumer
+    leases: tuple[str, ...]    # a sender gathers the releases of a few milliseconds per consumer
 
 
 @dataclass(frozen=True, slots=True)

@@ -141,7 +141,7 @@ def test_headers_named_in_connection_are_dropped_both_ways() -> None:
         (b"x-kept", b"2")]
 
 
-async def test_releases_of_one_loop_turn_go_out_as_one_message_per_consumer(monkeypatch) -> None:
+async def test_releases_of_one_batch_go_out_as_one_message_per_consumer(monkeypatch) -> None:
     import asyncio
 
     import prometheus_client as prom
@@ -156,6 +156,23 @@ async def test_releases_of_one_loop_turn_go_out_as_one_message_per_consumer(monk
     for lease, release_to in (("a", "consumer-1"), ("b", "consumer-2"), ("c", "consumer-1")):
         capacity.release_soon(Grant(lease=lease, url="http://v", api_key=None, release_to=release_to,
                                     vllm_priority=None))
-    assert published == []  # nothing is sent before the end of this loop turn
     await asyncio.sleep(0)
+    assert published == []  # nothing is sent before the batch ends
+    await asyncio.sleep(sender.RELEASE_BATCH_S * 2)  # the batch's timer fires before this sleep's
     assert sorted(published) == [("consumer-1", ["a", "c"]), ("consumer-2", ["b"])]
+
+
+async def test_flush_sends_gathered_releases_at_once_and_only_once(monkeypatch) -> None:
+    """At shutdown the releases still in their batch go out before the broker connection closes."""
+    import asyncio
+
+    import prometheus_client as prom
+
+    capacity = sender.CapacityClient("amqp://unused", 10, 3, sender.Metrics.create(prom.CollectorRegistry()).queue_waiting)
+    published: list[tuple[str, list[str]]] = []
+    monkeypatch.setattr(capacity, "publish_releases", lambda release_to, leases: published.append((release_to, leases)))
+    capacity.release_soon(Grant(lease="a", url="http://v", api_key=None, release_to="consumer-1", vllm_priority=None))
+    capacity.flush_releases()
+    assert published == [("consumer-1", ["a"])]
+    await asyncio.sleep(sender.RELEASE_BATCH_S * 2)
+    assert published == [("consumer-1", ["a"])]
