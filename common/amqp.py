@@ -18,7 +18,9 @@ cProfile, bench/RESULTS.md), and are done here instead:
 
 Order: frames written here and frames aiormq queues for the same channel can be reordered only
 against aiormq's unawaited writes; the services await every other operation on these channels.
-aiormq is pinned (requirements.txt): `tests/unit/test_amqp.py` checks the tables used here.
+aiormq is pinned (requirements.txt); `tests/unit/test_amqp.py` compares the frames with pamqp's,
+and `tests/integration/test_amqp_channel.py` checks confirms and returns through aiormq's tables
+against RabbitMQ, so an upgrade that changes them fails there.
 """
 
 from __future__ import annotations
