@@ -334,6 +334,12 @@ class TokenStore:
         return True
 
 
+def fail_with(future: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
+    """Fails `future` with the exception `done` ended with, if any (and if `future` still waits)."""
+    if not future.done() and not done.cancelled() and done.exception() is not None:
+        future.set_exception(done.exception())  # type: ignore[arg-type]
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -419,8 +425,11 @@ class CapacityClient:
                     priority=min(priority, self._max_priority), correlation_id=correlation_id,
                     reply_to=DIRECT_REPLY_TO, expiration=str(expiration_ms), message_id=correlation_id,
                     delivery_mode=1)
+                assert confirmation is not None  # the RPC channel has publisher confirms
+                # Only a failed confirm matters; it is handed to the grant's future, so that this task
+                # wakes once per request (for the grant, or for the failure), not also for the confirm.
+                confirmation.add_done_callback(lambda done: fail_with(future, done))
                 async with asyncio.timeout_at(deadline):
-                    await confirmation  # type: ignore[misc]
                     return await future
             except TimeoutError:
                 raise ApiError(503, f"No capacity for model `{model}` was granted in time; try again later.",
