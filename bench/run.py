@@ -318,8 +318,9 @@ class Bench:
             ("(d) ≤ 30 KB of sender memory per waiting request",
              f"{waiting['per_request_kb']:.1f} KB", waiting["per_request_kb"] <= 30 and waiting["errors"] == 0),
             ("(d) drains at the rate the consumer grants",
-             f"{waiting['drain_per_s']:.0f} req/s drained; (b) through: {b.rps:.0f} req/s",
-             waiting["errors"] == 0),
+             f"{waiting['drain_per_s']:.0f} req/s drained, {waiting['grants']:.0f} grants for "
+             f"{waiting['count']} requests; (b) through: {b.rps:.0f} req/s",
+             waiting["errors"] == 0 and waiting["grants"] == waiting["count"]),
             ("(e) sender memory growth ≤ 5 MB over the stream", f"{slow['growth_kb'] / 1024:.2f} MB",
              slow["growth_kb"] <= 5 * 1024 and slow["complete"]),
         ]
