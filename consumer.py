@@ -720,14 +720,17 @@ class Dispatcher:
         self._model_queue = model_queue(config.model)
         self.release_queue = RELEASE_QUEUE_PREFIX + consumer_id
         self._lock = asyncio.Lock()
-        self._channel: AbstractChannel | None = None
-        self._fast: amqp.FastChannel | None = None  # the same channel, for the grant and its ack
+        self._fast: amqp.FastChannel | None = None  # the channel; the grant and its ack go through it
         self._consumer_tag: str | None = None
         self._prefetch = 1
         self._stopping = False
         self._failures = 0
         self._ever_connected = False
         self._stale_gauges: set[str] = set()  # servers whose gauges are taken as stale (logged once)
+
+    @property
+    def _channel(self) -> AbstractChannel | None:
+        return self._fast.aiormq if self._fast is not None else None
 
     def is_ready(self) -> bool:
         if self._stopping:
@@ -773,7 +776,7 @@ class Dispatcher:
                       vllm_priority=vllm_priority(request.priority, self._config.max_priority,
                                                   self._config.forward_priority))
         fast = self._fast
-        assert fast is not None and fast.aiormq is channel
+        assert fast is not None  # `channel is self._channel` above
         try:
             # Written in this loop turn, before the ack below (both below aiormq: common/amqp.py).
             fast.basic_publish(encode(grant), routing_key=reply_to, correlation_id=properties.correlation_id,
@@ -910,7 +913,7 @@ class Dispatcher:
                 log.warning("RabbitMQ connection lost or refused: %s", exc or type(exc).__name__)
             finally:
                 served = self._channel is not None
-                self._channel = self._fast = None
+                self._fast = None
                 self._consumer_tag = None
                 if not connection.aiormq.is_closed:
                     await connection.aiormq.close()
@@ -934,7 +937,7 @@ class Dispatcher:
         await channel.queue_declare(self.release_queue, arguments={"x-expires": RELEASE_QUEUE_EXPIRES_MS})
         await channel.basic_consume(self.release_queue, self.on_release, no_ack=True)
         async with self._lock:
-            self._channel, self._fast = channel, fast
+            self._fast = fast
             self._consumer_tag = None
             await self._maybe_consume()
         self._failures = 0

@@ -176,10 +176,6 @@ class FastChannel:
         self._writer = writer
         self._frame_max = frame_max
 
-    @property
-    def is_closed(self) -> bool:
-        return self.aiormq.is_closed
-
     def basic_publish(self, body: bytes, *, routing_key: str, exchange: str = "", mandatory: bool = False,
                       **properties: Any) -> asyncio.Future[Any] | None:
         """Writes the publish in this event-loop turn. On a channel with publisher confirms, returns
