@@ -463,26 +463,19 @@ async def test_requests_waiting_inside_vllm_hold_new_grants(broker, vllm, start_
     assert (await broker.next_grant(timeout_s=3.0))[0] == "held"
 
 
-async def test_unreachable_metrics_make_the_server_unhealthy(broker, vllm, start_consumer):
+@pytest.mark.parametrize("failing", [
+    pytest.param("metrics_ok", id="unreachable-metrics"),
+    pytest.param("healthy", id="health-failing"),
+])
+async def test_unhealthy_server_gets_no_grant_until_it_recovers(broker, vllm, start_consumer, failing):
     consumer = await start_consumer(vllm)
-    vllm.metrics_ok = False
-    await consumer.wait_ready(False, timeout_s=10.0)
-    await broker.request(vllm.model, 1, "waiting")
-    await broker.expect_no_grant()
-    vllm.metrics_ok = True
-    await consumer.wait_ready(True, timeout_s=10.0)
-    assert (await broker.next_grant())[0] == "waiting"
-
-
-async def test_unhealthy_server_gets_no_grant_until_it_recovers(broker, vllm, start_consumer):
-    consumer = await start_consumer(vllm)
-    vllm.healthy = False
+    setattr(vllm, failing, False)
     await consumer.wait_ready(False, timeout_s=10.0)
     await broker.request(vllm.model, 1, "waiting")
     await broker.expect_no_grant()
     assert await broker.ready_messages(vllm.model) == 1
 
-    vllm.healthy = True
+    setattr(vllm, failing, True)
     await consumer.wait_ready(True, timeout_s=10.0)
     assert (await broker.next_grant())[0] == "waiting"
 
