@@ -69,7 +69,7 @@ import h11
 import orjson
 import prometheus_client as prom
 import uvloop
-from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
+from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp import commands as spec
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -103,9 +103,6 @@ PROBE_MAX_REQUEST_BYTES = 64 * 1024
 RELEASE_QUEUE_PREFIX = "dispatcher.release."
 # The release queue outlives a broker reconnect this long, so releases sent meanwhile still arrive.
 RELEASE_QUEUE_EXPIRES_MS = 60_000
-RABBITMQ_CONNECT_TIMEOUT_S = 10.0
-RECONNECT_DELAY_MIN_S = 0.5
-RECONNECT_DELAY_MAX_S = 10.0
 SHUTDOWN_TIMEOUT_S = 5.0
 
 # Summed over the `engine` label (one per data-parallel rank); reference A.8.
@@ -894,18 +891,16 @@ class Dispatcher:
     # -- connection lifecycle --
 
     async def maintain(self) -> None:
-        """Connects, and reconnects with back-off for as long as the process runs."""
-        delay = RECONNECT_DELAY_MIN_S
+        """Connects, and reconnects with back-off (`amqp.reconnect_delay`) for as long as the process runs."""
         while not self._stopping:
             try:
-                async with asyncio.timeout(RABBITMQ_CONNECT_TIMEOUT_S):
-                    connection = await amqp.connect(self._config.rabbitmq_url)
-            except (aiormq.exceptions.AMQPError, OSError) as exc:
+                connection = await amqp.connect(self._config.rabbitmq_url)
+            except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
                 self._failures += 1
+                delay = amqp.reconnect_delay(self._failures)
                 log.warning("RabbitMQ unreachable (%s, attempt %d); retrying in %.1fs",
                             type(exc).__name__, self._failures, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, RECONNECT_DELAY_MAX_S)
                 continue
             try:
                 await self._serve(connection)
@@ -917,12 +912,9 @@ class Dispatcher:
                 self._consumer_tag = None
                 if not connection.aiormq.is_closed:
                     await connection.aiormq.close()
-            if served:
-                delay = RECONNECT_DELAY_MIN_S
-            else:  # e.g. a declare refused (406: another consumer declared the queue with other arguments)
+            if not served:  # e.g. a declare refused (406: another consumer declared the queue with other arguments)
                 self._failures += 1
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RECONNECT_DELAY_MAX_S)
+            await asyncio.sleep(amqp.reconnect_delay(self._failures))
 
     async def _serve(self, connection: amqp.Connection) -> None:
         # No publisher confirms: a grant goes through direct reply-to, which is at-most-once, so a
@@ -945,7 +937,7 @@ class Dispatcher:
         log.info("connected to RabbitMQ: serving %s, releases on %s", self._model_queue, self.release_queue)
         ticker = asyncio.create_task(self._tick_while_connected(channel))
         try:
-            await wait_closed(connection.aiormq, channel)
+            await amqp.wait_closed(connection.aiormq, channel)
         finally:
             await cancel_and_wait(ticker)
 
@@ -997,20 +989,6 @@ class Dispatcher:
             except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, ConnectionError,
                     TimeoutError) as exc:
                 log.warning("shutdown: could not say goodbye to RabbitMQ: %s", type(exc).__name__)
-
-
-async def wait_closed(connection: AbstractConnection, channel: AbstractChannel) -> None:
-    """Returns when the connection or the channel closes; raises the reason if there is one."""
-    watchers = [connection.closing, channel.closing]
-    try:
-        done, _ = await asyncio.wait(watchers, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for watcher in watchers:
-            watcher.cancel()  # an observer only (aiormq `closing`); the resource is closed by `maintain`
-    for watcher in done:
-        if not watcher.cancelled() and watcher.exception() is not None:
-            raise watcher.exception()  # type: ignore[misc]
-    raise aiormq.exceptions.ChannelInvalidStateError("closed by the broker")
 
 
 async def watch_servers(vllm: VllmClient, capacity: Capacity, dispatcher: Dispatcher, interval_s: float) -> None:

@@ -20,8 +20,7 @@ Invariants:
 - Nothing is retried after a response byte; a pooled connection that fails before the first
   byte is retried once on a fresh one (vLLM closes idle keep-alive connections after 5 s).
 
-Known limitations: no HTTP/2 and no TLS on the client side (the ingress terminates TLS); requests
-waiting for a grant when the broker connection drops are answered 503 rather than re-published.
+Known limitations: no HTTP/2 and no TLS on the client side (the ingress terminates TLS).
 """
 
 from __future__ import annotations
@@ -76,8 +75,6 @@ RETRY_AFTER_QUEUE_FULL_S = 1
 RETRY_AFTER_UNAVAILABLE_S = 5
 SHUTDOWN_GRACE_S = 25.0
 HANGUP_WATCH_DELAY_S = 0.05         # a request still running after this gets a reader that notices a hang-up
-RECONNECT_DELAY_MIN_S = 0.5
-RECONNECT_DELAY_MAX_S = 10.0
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 # Releases wait this long at most, to travel together: under load that is several per message, which
 # saves the broker and the consumer a delivery each (bench/RESULTS.md: +6-9 % req/s). A slot comes
@@ -334,12 +331,6 @@ class TokenStore:
         return True
 
 
-def fail_with(future: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
-    """Fails `future` with the exception `done` ended with, if any (and if `future` still waits)."""
-    if not future.done() and not done.cancelled() and done.exception() is not None:
-        future.set_exception(done.exception())  # type: ignore[arg-type]
-
-
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -359,6 +350,15 @@ class ModelEntry:
         return bool(self.consumers)
 
 
+@dataclass(slots=True)
+class WaitingRequest:
+    """A grant request this sender waits for, with what it takes to publish it again after a reconnect."""
+    model: str
+    priority: int
+    deadline: float  # monotonic
+    future: asyncio.Future[Grant]
+
+
 class CapacityClient:
     """Owns the broker connection: grant RPCs, releases, model announcements and queue lengths.
 
@@ -368,8 +368,11 @@ class CapacityClient:
       of RELEASE_BATCH_S are gathered into one message per consumer.
     - Queue lengths (ready messages) are read every 100 ms with a passive queue.declare per
       live model, so the threshold check needs no broker round trip on the request path.
-    - aiormq does not reconnect; `maintain` does, with back-off. When the connection drops, every
-      waiting request is failed with 503 (its grant, if any comes, went to a dead channel).
+    - aiormq does not reconnect; `maintain` does, with a short back-off. The sender holds each
+      waiting client, so it owns the waiting requests: when the connection drops they keep
+      waiting (until their own deadline), and are published again, in their order of arrival,
+      with their priority and what is left of their deadline, once the broker is back. While it
+      is away, the models it last heard of stay listed: the sender cannot tell that they left.
     """
 
     def __init__(self, url: str, max_priority: int, reconnect_attempts: int, queue_waiting: prom.Gauge) -> None:
@@ -379,30 +382,43 @@ class CapacityClient:
         self._reconnect_attempts = reconnect_attempts
         self._rpc: amqp.FastChannel | None = None
         self._release: amqp.FastChannel | None = None
-        self._pending: dict[str, asyncio.Future[Grant]] = {}
+        self._pending: dict[str, WaitingRequest] = {}  # by correlation id, in order of arrival
         self._ids = itertools.count()
         self._id_prefix = os.urandom(4).hex() + "-"
         self._models: dict[str, ModelEntry] = {}
         self._queue_lengths: dict[str, int] = {}
         self._failures = 0
         self._ever_connected = False
+        self._lost_at: float | None = None  # when the broker connection was lost, while it is
+        # After a reconnect, the models whose consumers have not announced themselves again: their queue
+        # may be gone with a restarted broker until their consumer declares it again.
+        self._unconfirmed: set[str] = set()
+        self._parked: dict[str, list[str]] = {}  # model -> correlation ids waiting for that declare
         self._releases: dict[str, list[str]] = {}  # release_to -> leases, sent within RELEASE_BATCH_S
         self._release_timer: asyncio.TimerHandle | None = None
 
     # -- state read by the request path (no I/O) --
 
     def is_ready(self) -> bool:
-        if self._rpc is not None:
-            return True
+        """Ready while grant requests can be published, and through a reconnect until
+        RPC_RECONNECT_ATTEMPTS attempts in a row have failed. A channel that is closed while the
+        sender still holds it (whatever closed it) is not ready."""
+        channel = self._rpc
+        if channel is not None:
+            return not channel.aiormq.is_closed
         return self._ever_connected and self._failures < self._reconnect_attempts
 
+    def _liveness_clock(self) -> float:
+        # Announcements cannot arrive while the broker is away: time stands still for them.
+        return self._lost_at if self._lost_at is not None else time.monotonic()
+
     def live_models(self) -> dict[str, dict[str, Any]]:
-        now = time.monotonic()
+        now = self._liveness_clock()
         return {model: entry.card for model, entry in self._models.items() if entry.is_live(now)}
 
     def is_live(self, model: str) -> bool:
         entry = self._models.get(model)
-        return entry is not None and entry.is_live(time.monotonic())
+        return entry is not None and entry.is_live(self._liveness_clock())
 
     def queue_length(self, model: str) -> int:
         return self._queue_lengths.get(model, 0)
@@ -410,27 +426,17 @@ class CapacityClient:
     # -- the RPC --
 
     async def acquire_grant(self, model: str, priority: int, deadline: float) -> Grant:
-        channel = self._rpc
-        if channel is None:
+        if self._rpc is None:
             raise broker_unavailable()
         correlation_id = f"{self._id_prefix}{next(self._ids)}"
-        future: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
-        self._pending[correlation_id] = future
+        waiting = WaitingRequest(model, min(priority, self._max_priority), deadline,
+                                 asyncio.get_running_loop().create_future())
+        self._pending[correlation_id] = waiting
         try:
-            expiration_ms = max(1, int((deadline - time.monotonic()) * 1000))
+            self._publish_grant_request(correlation_id, waiting)
             try:
-                # Confirmed and mandatory: a queue that is gone comes back as PublishError at once.
-                confirmation = channel.basic_publish(
-                    encode(GrantRequest(priority)), routing_key=model_queue(model), mandatory=True,
-                    priority=min(priority, self._max_priority), correlation_id=correlation_id,
-                    reply_to=DIRECT_REPLY_TO, expiration=str(expiration_ms), message_id=correlation_id,
-                    delivery_mode=1)
-                assert confirmation is not None  # the RPC channel has publisher confirms
-                # Only a failed confirm matters; it is handed to the grant's future, so that this task
-                # wakes once per request (for the grant, or for the failure), not also for the confirm.
-                confirmation.add_done_callback(lambda done: fail_with(future, done))
                 async with asyncio.timeout_at(deadline):
-                    return await future
+                    return await waiting.future
             except TimeoutError:
                 raise ApiError(503, f"No capacity for model `{model}` was granted in time; try again later.",
                                type="server_error", code="grant_timeout",
@@ -438,16 +444,52 @@ class CapacityClient:
             except aiormq.exceptions.PublishError:
                 # The model's queue is gone: its last consumer left moments ago.
                 raise model_not_found(model) from None
-            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
-                log.warning("grant request for %s failed: %s", model, type(exc).__name__)
+            except aiormq.exceptions.DeliveryError:
+                log.warning("grant request for %s refused by RabbitMQ", model)
                 raise broker_unavailable() from None
         except BaseException:
             # A grant that arrived while we were being cancelled is nobody's: give it back.
+            future = waiting.future
             if future.done() and not future.cancelled() and future.exception() is None:
                 self.release_soon(future.result())
             raise
         finally:
             self._pending.pop(correlation_id, None)
+
+    def _publish_grant_request(self, correlation_id: str, waiting: WaitingRequest) -> None:
+        """Publishes a grant request, confirmed and mandatory (a queue that is gone comes back as
+        PublishError at once). If the channel is down, the request stays waiting: `_serve`
+        publishes it again when the broker is back."""
+        channel = self._rpc
+        if channel is None:
+            return
+        expiration_ms = max(1, int((waiting.deadline - time.monotonic()) * 1000))
+        try:
+            confirmation = channel.basic_publish(
+                encode(GrantRequest(waiting.priority)), routing_key=model_queue(waiting.model), mandatory=True,
+                priority=waiting.priority, correlation_id=correlation_id, reply_to=DIRECT_REPLY_TO,
+                expiration=str(expiration_ms), message_id=correlation_id, delivery_mode=1)
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            log.debug("grant request kept for the next connection: %s", type(exc).__name__)
+            return
+        assert confirmation is not None  # the RPC channel has publisher confirms
+        confirmation.add_done_callback(lambda done: self._on_confirm(correlation_id, waiting, done))
+
+    def _on_confirm(self, correlation_id: str, waiting: WaitingRequest, confirmation: asyncio.Future[Any]) -> None:
+        """Only a refusal matters: it is handed to the grant's future, so that the request's task wakes
+        once, for the grant or for the refusal. A confirm that failed because the connection went down
+        leaves the request waiting for its next publication."""
+        if waiting.future.done() or confirmation.cancelled():
+            return
+        exc = confirmation.exception()
+        if not isinstance(exc, aiormq.exceptions.DeliveryError):
+            return  # confirmed, or lost with the connection
+        if isinstance(exc, aiormq.exceptions.PublishError) and waiting.model in self._unconfirmed:
+            # No queue, but the broker came back after an outage: the model's consumer declares its queue
+            # again when it reconnects, then announces itself (`on_announcement` publishes this again).
+            self._parked.setdefault(waiting.model, []).append(correlation_id)
+            return
+        waiting.future.set_exception(exc)
 
     def publish_releases(self, release_to: str, leases: list[str]) -> None:
         channel = self._release
@@ -466,11 +508,11 @@ class CapacityClient:
         except MessageError as exc:
             log.warning("ignored a malformed grant: %s", exc)
             return
-        future = self._pending.pop(message.header.properties.correlation_id or "", None)
-        if future is None or future.done():
+        waiting = self._pending.pop(message.header.properties.correlation_id or "", None)
+        if waiting is None or waiting.future.done():
             self.release_soon(grant)  # nobody waits for it any more
             return
-        future.set_result(grant)
+        waiting.future.set_result(grant)
 
     async def on_announcement(self, message: DeliveredMessage) -> None:
         try:
@@ -488,37 +530,40 @@ class CapacityClient:
             log.info("model %s is served", announcement.model)
         entry.card = announcement.card
         entry.consumers[announcement.consumer] = time.monotonic() + announcement.ttl_s
+        if announcement.model in self._unconfirmed:  # its consumer is back, and has declared its queue
+            self._unconfirmed.discard(announcement.model)
+            self._publish_again(self._parked.pop(announcement.model, []))
 
     # -- connection lifecycle --
 
     async def maintain(self) -> None:
-        """Connects, and reconnects with back-off for as long as the process runs.
+        """Connects, and reconnects with back-off (`amqp.reconnect_delay`) for as long as the process runs.
 
         This is a supervisor: any failure of a connection attempt or of a live connection (aiormq
         raises several unrelated exception families) leads to the next attempt, never to its end.
         """
-        delay = RECONNECT_DELAY_MIN_S
         while True:
             try:
                 connection = await amqp.connect(self._url)
             except Exception as exc:  # noqa: BLE001 - see the docstring
                 self._failures += 1
+                delay = amqp.reconnect_delay(self._failures)
                 log.warning("RabbitMQ unreachable (%s, attempt %d); retrying in %.1fs",
                             type(exc).__name__, self._failures, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, RECONNECT_DELAY_MAX_S)
                 continue
             try:
                 await self._serve(connection)
             except Exception as exc:  # noqa: BLE001 - see the docstring
-                log.warning("RabbitMQ connection lost: %s", type(exc).__name__)
+                log.warning("RabbitMQ connection lost: %s; %d waiting request(s) kept", type(exc).__name__,
+                            len(self._pending))
             finally:
+                if self._rpc is not None:
+                    self._lost_at = time.monotonic()
                 self._rpc = self._release = None
-                self._fail_pending()
                 if not connection.aiormq.is_closed:
                     await connection.aiormq.close()
-            delay = RECONNECT_DELAY_MIN_S
-            await asyncio.sleep(delay)
+            await asyncio.sleep(amqp.reconnect_delay(0))
 
     async def _serve(self, connection: amqp.Connection) -> None:
         rpc = await connection.channel()
@@ -531,19 +576,54 @@ class CapacityClient:
         self._rpc, self._release = rpc, release
         self._failures = 0
         self._ever_connected = True
+        self._resume_after_outage()
         log.info("connected to RabbitMQ")
         poller = asyncio.create_task(self._poll_queue_lengths(connection.aiormq))
         try:
-            await connection.aiormq.closing
+            await amqp.wait_closed(connection.aiormq, rpc.aiormq, release.aiormq)
         finally:
-            poller.cancel()
-            await asyncio.gather(poller, return_exceptions=True)
+            await cancel_and_wait(poller)
+
+    def _resume_after_outage(self) -> None:
+        """After a reconnect: the announcements' clock runs again where it stopped, and the requests
+        that waited through the outage are published again, in their order of arrival."""
+        if self._lost_at is not None:
+            outage_s = time.monotonic() - self._lost_at
+            for entry in self._models.values():
+                for consumer in entry.consumers:
+                    entry.consumers[consumer] += outage_s
+            self._lost_at = None
+            self._unconfirmed = set(self.live_models())
+        if self._pending:
+            log.info("publishing %d waiting request(s) again after the reconnect", len(self._pending))
+        self._publish_again(list(self._pending))
+
+    def _publish_again(self, correlation_ids: list[str]) -> None:
+        for correlation_id in correlation_ids:
+            request = self._pending.get(correlation_id)
+            if request is not None and not request.future.done():
+                self._publish_grant_request(correlation_id, request)
+
+    def _expire_parked(self) -> None:
+        """Requests parked for a model whose consumer did not come back (its announcements ran out): 404."""
+        for model in [model for model in self._parked if not self.is_live(model)]:
+            self._unconfirmed.discard(model)
+            for correlation_id in self._parked.pop(model):
+                request = self._pending.get(correlation_id)
+                if request is not None and not request.future.done():
+                    request.future.set_exception(model_not_found(model))
 
     async def _poll_queue_lengths(self, connection: aiormq.abc.AbstractConnection) -> None:
         """Reads the ready count of each live model's queue every 100 ms, on a channel of its own
-        (a passive declare of a missing queue closes its channel with a 404)."""
+        (a passive declare of a missing queue closes its channel with a 404), for as long as the
+        connection is open.
+
+        The loop ends with the connection, not only when cancelled: aiormq runs each RPC in a task
+        of its own and, when the connection closes, turns a cancellation that arrives meanwhile into
+        the connection's error (its TaskWrapper), which looks like any failed declare here.
+        """
         probe: aiormq.abc.AbstractChannel | None = None
-        while True:
+        while not connection.is_closed:
             for model in self.live_models():
                 try:
                     if probe is None or probe.is_closed:
@@ -561,13 +641,8 @@ class CapacityClient:
                 if not self.is_live(model):
                     del self._queue_lengths[model]
                     self._queue_waiting.remove(model)
+            self._expire_parked()
             await asyncio.sleep(QUEUE_LENGTH_REFRESH_S)
-
-    def _fail_pending(self) -> None:
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(broker_unavailable())
-        self._pending.clear()
 
     def release_soon(self, grant: Grant) -> None:
         """Gives a grant back. Not a coroutine, so that a cancelled handler cannot lose it; the
@@ -761,6 +836,11 @@ class ClientConnection:
     def write_all(self, parts: list[bytes]) -> None:
         """One socket write for all `parts` (each write is a send() of its own on loopback and LAN)."""
         if parts:
+            if self.writer.transport.is_closing():
+                # The client reset the connection and the transport closed itself; uvloop refuses
+                # any further write with RuntimeError (asyncio's own loop drops it silently).
+                self.h11.send_failed()
+                raise ClientGone()
             self.writer.writelines(parts)
 
     async def drain(self) -> None:

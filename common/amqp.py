@@ -26,6 +26,7 @@ against RabbitMQ, so an upgrade that changes them fails there.
 from __future__ import annotations
 
 import asyncio
+import random
 import struct
 from typing import TYPE_CHECKING, Any
 
@@ -109,8 +110,45 @@ class Connection:
 async def connect(url: str) -> Connection:
     """An open aiormq connection whose frames of one event-loop turn share one socket write."""
     factory = CoalescingTransportFactory()
-    connection = await aiormq.connect(url, transport_factory=factory)
+    async with asyncio.timeout(CONNECT_TIMEOUT_S):  # a broker still starting may accept and stay silent
+        connection = await aiormq.connect(url, transport_factory=factory)
     return Connection(connection, factory.writer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reconnecting: both services keep one connection, and get it back quickly after a broker restart
+
+CONNECT_TIMEOUT_S = 10.0
+RECONNECT_DELAY_FIRST_S = 0.1
+# The longest pause between two attempts: the service is back at most this long after the broker.
+RECONNECT_DELAY_MAX_S = 1.5
+
+
+def reconnect_delay(failures: int) -> float:
+    """The pause before the next attempt after `failures` failed ones in a row (0: the connection was
+    just lost). It doubles from 0.1 s up to 1.5 s, so that a service is back within 1.5 s of its broker
+    (after a restart every service reconnects at once, and a refused TCP connect costs the broker
+    nothing); jitter, a random half of each pause, spreads the senders and consumers of a cluster
+    apart so that they do not knock on the broker in step."""
+    ceiling = min(RECONNECT_DELAY_MAX_S, RECONNECT_DELAY_FIRST_S * 2 ** min(failures, 16))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+async def wait_closed(connection: aiormq.abc.AbstractConnection, *channels: aiormq.abc.AbstractChannel) -> None:
+    """Returns when the connection or one of `channels` closes; raises the reason if there is one.
+
+    A channel can be closed by the broker while its connection lives on: a service that watched
+    only the connection would keep publishing on a dead channel."""
+    watchers = [connection.closing, *(channel.closing for channel in channels)]
+    try:
+        done, _ = await asyncio.wait(watchers, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for watcher in watchers:
+            watcher.cancel()  # an observer only (aiormq `closing`); the resource is closed by its owner
+    for watcher in done:
+        if not watcher.cancelled() and watcher.exception() is not None:
+            raise watcher.exception()  # type: ignore[misc]
+    raise ChannelInvalidStateError("closed by the broker")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -139,3 +139,17 @@ def test_ack_frame_is_pamqps_byte_for_byte() -> None:
 def test_publish_refuses_what_it_cannot_encode(routing_key, properties, message) -> None:
     with pytest.raises(ValueError, match=message):
         amqp.encode_publish(1, "", routing_key, b"", properties)
+
+
+@pytest.mark.parametrize(("failures", "low", "high"), [
+    pytest.param(0, 0.05, 0.1, id="just-lost"),
+    pytest.param(1, 0.1, 0.2, id="first-failure"),
+    pytest.param(3, 0.4, 0.8, id="doubling"),
+    pytest.param(4, 0.75, 1.5, id="capped"),
+    pytest.param(10_000, 0.75, 1.5, id="long-outage"),
+])
+def test_reconnect_delay_doubles_up_to_its_cap_with_jitter(failures: int, low: float, high: float) -> None:
+    """A service is back within 1.5 s of its broker, and the services of a cluster do not retry in step."""
+    delays = [amqp.reconnect_delay(failures) for _ in range(200)]
+    assert all(low <= delay <= high for delay in delays), (min(delays), max(delays))
+    assert len(set(delays)) > 100  # jittered, not one fixed pause
