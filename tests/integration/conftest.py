@@ -105,9 +105,9 @@ class Stack:
         wait_until(healthy, timeout_s=30, what=f"{name} to be ready")
         return service
 
-    def fake_vllm(self, model: str, *extra: str) -> Fake:
+    def fake_vllm(self, model: str, *extra: str, port: int | None = None) -> Fake:
         """A fake vLLM process serving `model`; `extra` are its CLI flags (e.g. "--tpot-ms", "20")."""
-        port = free_port()
+        port = port or free_port()
         service = self._start("fake-vllm", ["tests/fake_vllm.py", "--host", "127.0.0.1", "--port", str(port),
                                             "--model", model, *extra], {}, f"http://127.0.0.1:{port}", "/health")
         return Fake(service, model)
