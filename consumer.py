@@ -78,13 +78,16 @@ from common.config import (ConfigError, env_bool, env_float, env_int, env_str, l
                            setup_logging)
 from common.messages import (ANNOUNCE_EXCHANGE, ANNOUNCE_INTERVAL_S, ANNOUNCE_TTL_S, Announcement, Grant,
                              MessageError, decode_grant_request, decode_release, encode, is_valid_model_id,
-                             model_queue)
+                             max_queue_priority, model_queue)
 from common.tasks import cancel_and_wait
 
 log = logging.getLogger("consumer")
 
 DEFAULT_MAX_PARALLEL_REQUESTS = 64           # a backstop: below it, the speed rule and vLLM's queue decide
 DEFAULT_MIN_TOKENS_PER_SECOND_PER_USER = 10.0  # a little faster than anyone reads (about 7 words a second)
+# Fair share within a priority: a token's requests are ranked by how many it has outstanding, in
+# this many classes (1st; 2nd-3rd; 4th-7th; 8th and more). 1 turns fair share off (FIFO per priority).
+DEFAULT_FAIR_SHARE_LEVELS = 4
 DEFAULT_LEASE_TIMEOUT_S = 3600.0    # bookkeeping only: vLLM's counts free lost slots, in seconds
 GRANTS_PER_READING_MIN = 4          # with the speed rule, new grants per reading: max(this, load at the reading)
 PREFETCH_ROOMY = 8                  # grant requests in flight to us at once while there is room for many more:
@@ -139,7 +142,16 @@ class Config:
     rabbitmq_url: str
     rpc_reconnect_attempts: int
     max_priority: int
+    fair_share_levels: int
     log_level: int
+
+    @property
+    def model_queue(self) -> str:
+        return model_queue(self.model, self.max_queue_priority)
+
+    @property
+    def max_queue_priority(self) -> int:
+        return max_queue_priority(self.max_priority, self.fair_share_levels)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
@@ -150,6 +162,11 @@ class Config:
             raise ConfigError(f"MODEL={model!r} cannot name a RabbitMQ queue "
                               "(letters, digits and -_.:@#,/+ only, at most 255 bytes with the prefix)")
         max_parallel = env_int(env, "MAX_PARALLEL_REQUESTS", DEFAULT_MAX_PARALLEL_REQUESTS, minimum=1)
+        max_priority = env_int(env, "MAX_PRIORITY", 10, minimum=1, maximum=255)
+        # RabbitMQ priorities go up to 255: each priority level gets `levels` of them.
+        most_levels = 256 // (max_priority + 1)
+        levels = env_int(env, "FAIR_SHARE_LEVELS", min(DEFAULT_FAIR_SHARE_LEVELS, most_levels), minimum=1,
+                         maximum=most_levels)
         return cls(
             model=model,
             servers=read_servers(env, max_parallel),
@@ -163,7 +180,8 @@ class Config:
             lease_timeout_s=env_float(env, "LEASE_TIMEOUT_SECONDS", DEFAULT_LEASE_TIMEOUT_S, minimum=0.001),
             rabbitmq_url=rabbitmq_url(env),
             rpc_reconnect_attempts=env_int(env, "RPC_RECONNECT_ATTEMPTS", 10, minimum=1),
-            max_priority=env_int(env, "MAX_PRIORITY", 10, minimum=1, maximum=255),
+            max_priority=max_priority,
+            fair_share_levels=levels,
             log_level=log_level(env),
         )
 
@@ -714,7 +732,7 @@ class Dispatcher:
         self._metrics = metrics
         self._fetch_card = fetch_card
         self.card: dict[str, Any] | None = None
-        self._model_queue = model_queue(config.model)
+        self._model_queue = config.model_queue
         self.release_queue = RELEASE_QUEUE_PREFIX + consumer_id
         self._lock = asyncio.Lock()
         self._fast: amqp.FastChannel | None = None  # the channel; the grant and its ack go through it
@@ -943,7 +961,7 @@ class Dispatcher:
 
     async def _declare_model_queue(self, channel: AbstractChannel) -> None:
         await channel.queue_declare(self._model_queue, arguments={
-            "x-max-priority": self._config.max_priority, "x-expires": self._config.rpc_queue_expiration_ms})
+            "x-max-priority": self._config.max_queue_priority, "x-expires": self._config.rpc_queue_expiration_ms})
 
     async def _tick_while_connected(self, channel: AbstractChannel) -> None:
         """Every ANNOUNCE_INTERVAL_S (or a third of the queue's expiration, if shorter): redeclare the
@@ -966,8 +984,10 @@ class Dispatcher:
             await asyncio.sleep(interval_s)
 
     async def _announce(self, channel: AbstractChannel, *, alive: bool) -> None:
+        slots = sum(server.max_parallel for server in self._capacity.servers if server.healthy)
         announcement = Announcement(model=self._config.model, consumer=self._consumer_id, card=self.card or {},
-                                    alive=alive)
+                                    alive=alive, slots=slots, queue=self._model_queue,
+                                    levels=self._config.fair_share_levels)
         # An announcement older than its TTL is worthless: let the broker drop it rather than deliver it late.
         await channel.basic_publish(encode(announcement), exchange=ANNOUNCE_EXCHANGE, properties=spec.Basic.Properties(
             delivery_mode=1, expiration=str(int(ANNOUNCE_TTL_S * 1000))))

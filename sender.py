@@ -29,6 +29,7 @@ import asyncio
 import hashlib
 import itertools
 import logging
+import math
 import os
 import signal
 import ssl
@@ -54,8 +55,9 @@ from common.config import (ConfigError, env_float, env_int, env_str, log_level, 
                            setup_logging)
 from common.messages import (ANNOUNCE_EXCHANGE, Grant, GrantRequest, MessageError, Release,
                              decode_announcement, decode_grant, encode, is_valid_model_id,
-                             model_queue)
+                             model_queue, queue_priority, share_bucket)
 from common.tasks import cancel_and_wait
+from queue_state import STATE_EXCHANGE, STATE_INTERVAL_S, STATE_TTL_S, QueueState, retry_after_s
 
 log = logging.getLogger("sender")
 
@@ -68,7 +70,6 @@ UPSTREAM_CONNECT_TIMEOUT_S = 10.0
 UPSTREAM_IDLE_MAX_S = 4.0           # vLLM (uvicorn) drops idle keep-alive connections after 5 s
 UPSTREAM_POOL_SIZE = 64             # idle connections kept per vLLM server
 READ_CHUNK_BYTES = 64 * 1024
-QUEUE_LENGTH_REFRESH_S = 0.1
 TOKEN_MISS_CACHE_S = 5.0            # unknown tokens are remembered this long (floods stay off the DB)
 TOKEN_CACHE_MAX_ENTRIES = 100_000
 RETRY_AFTER_QUEUE_FULL_S = 1
@@ -80,6 +81,7 @@ DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 # saves the broker and the consumer a delivery each (bench/RESULTS.md: +6-9 % req/s). A slot comes
 # back 2 ms later at worst, less than one vLLM engine step, so vLLM could not have used it sooner.
 RELEASE_BATCH_S = 0.002
+AGING_OVERLAP_S = 1.0               # an aged request's previous copy outlives the next one's publication by this
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus the framing headers we set anew on each side.
 HOP_BY_HOP = frozenset({
@@ -87,9 +89,10 @@ HOP_BY_HOP = frozenset({
     b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
     b"content-length", b"expect",
 })
-# Request headers that never reach vLLM: our token, the Host of our side, our own priority
-# header, and vLLM's priority header, which vLLM obeys over the body (only a grant sets it).
-DROPPED_REQUEST_HEADERS = HOP_BY_HOP | {b"host", b"authorization", b"x-priority", b"x-vllm-priority"}
+# Request headers that never reach vLLM: our token, the Host of our side, our own priority and
+# deadline headers, and vLLM's priority header, which vLLM obeys over the body (only a grant sets it).
+DROPPED_REQUEST_HEADERS = HOP_BY_HOP | {b"host", b"authorization", b"x-priority", b"x-queue-timeout",
+                                       b"x-vllm-priority"}
 
 JSON_HEADERS = ((b"content-type", b"application/json"),)
 CLOSE_HEADER = ((b"connection", b"close"),)
@@ -111,6 +114,7 @@ class Config:
     upstream_timeout_s: float
     max_body_bytes: int
     max_priority: int
+    priority_aging_s: float
     rpc_reconnect_attempts: int
     log_level: int
 
@@ -134,6 +138,7 @@ class Config:
             upstream_timeout_s=env_float(env, "UPSTREAM_TIMEOUT", 600.0, minimum=0.001),
             max_body_bytes=env_int(env, "MAX_BODY_BYTES", 32 * 1024 * 1024, minimum=1),
             max_priority=env_int(env, "MAX_PRIORITY", 10, minimum=1, maximum=255),
+            priority_aging_s=env_float(env, "PRIORITY_AGING_SECONDS", 0.0, minimum=0),
             rpc_reconnect_attempts=env_int(env, "RPC_RECONNECT_ATTEMPTS", 10, minimum=1),
             log_level=log_level(env),
         )
@@ -209,8 +214,8 @@ class Metrics:
                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)),
             in_flight=prom.Gauge("dispatcher_requests_in_flight", "Requests holding a grant, by model.",
                                  ["model"], registry=registry),
-            queue_waiting=prom.Gauge("dispatcher_queue_waiting", "Requests waiting in the model's queue, "
-                                     "as the threshold check sees it (refreshed every 100 ms).", ["model"],
+            queue_waiting=prom.Gauge("dispatcher_queue_waiting", "Requests waiting for a grant for the model, "
+                                     "all senders, as the threshold check sees it (refreshed every 250 ms).", ["model"],
                                      registry=registry),
         )
 
@@ -223,6 +228,7 @@ class TokenInfo:
     name: str
     priority: int
     threshold: int
+    max_in_flight: int | None = None  # the token's requests per model, waiting or running, all senders
 
 
 class TokenStore:
@@ -342,6 +348,12 @@ def hash_token(token: str) -> str:
 class ModelEntry:
     card: dict[str, Any]
     consumers: dict[str, float] = field(default_factory=dict)  # consumer id -> expires (monotonic)
+    slots: dict[str, int] = field(default_factory=dict)        # consumer id -> its servers' parallel cap
+    queue: str = ""                                            # where its requests wait, as last announced
+    levels: int = 1                                            # fair-share sub-levels per priority there
+
+    def total_slots(self) -> int:
+        return sum(self.slots.get(consumer, 0) for consumer in self.consumers)
 
     def is_live(self, now: float) -> bool:
         for consumer, expires in list(self.consumers.items()):
@@ -355,8 +367,30 @@ class WaitingRequest:
     """A grant request this sender waits for, with what it takes to publish it again after a reconnect."""
     model: str
     priority: int
-    deadline: float  # monotonic
+    share_bucket: int  # fair share: the token's outstanding requests when it came, as `share_bucket` ranks them
+    deadline: float    # monotonic
     future: asyncio.Future[Grant]
+    queued_at: float = field(default_factory=time.monotonic)
+    age: int = 0       # aging: levels gained by waiting (PRIORITY_AGING_SECONDS)
+    aging_timer: asyncio.TimerHandle | None = None
+
+    def stop_aging(self) -> None:
+        if self.aging_timer is not None:
+            self.aging_timer.cancel()
+            self.aging_timer = None
+
+
+def aging_plan(priority: int, age: int, queued_at: float, deadline: float, aging_s: float,
+               max_priority: int) -> tuple[int, float | None]:
+    """A waiting request's priority after `age` aging steps, and when its next step comes (None: no more).
+
+    A request that has waited k x PRIORITY_AGING_SECONDS competes as priority + k, at most MAX_PRIORITY.
+    """
+    effective = min(priority + age, max_priority)
+    if aging_s <= 0 or effective >= max_priority:
+        return effective, None
+    next_step = queued_at + (age + 1) * aging_s
+    return effective, next_step if next_step < deadline else None
 
 
 class CapacityClient:
@@ -366,8 +400,8 @@ class CapacityClient:
       (no reply queue at all); replies are matched to waiting futures by correlation id.
     - Releases go out on a channel without publisher confirms: nothing waits for them, and those
       of RELEASE_BATCH_S are gathered into one message per consumer.
-    - Queue lengths (ready messages) are read every 100 ms with a passive queue.declare per
-      live model, so the threshold check needs no broker round trip on the request path.
+    - The counts of waiting and running requests are shared with the other senders every 250 ms
+      (queue_state.py), so the threshold check needs no broker round trip on the request path.
     - aiormq does not reconnect; `maintain` does, with a short back-off. The sender holds each
       waiting client, so it owns the waiting requests: when the connection drops they keep
       waiting (until their own deadline), and are published again, in their order of arrival,
@@ -375,8 +409,11 @@ class CapacityClient:
       is away, the models it last heard of stay listed: the sender cannot tell that they left.
     """
 
-    def __init__(self, url: str, max_priority: int, reconnect_attempts: int, queue_waiting: prom.Gauge) -> None:
+    def __init__(self, url: str, max_priority: int, reconnect_attempts: int, state: QueueState,
+                 queue_waiting: prom.Gauge, *, aging_s: float = 0.0) -> None:
         self._url = url
+        self._aging_s = aging_s
+        self._state = state
         self._queue_waiting = queue_waiting
         self._max_priority = max_priority
         self._reconnect_attempts = reconnect_attempts
@@ -386,7 +423,6 @@ class CapacityClient:
         self._ids = itertools.count()
         self._id_prefix = os.urandom(4).hex() + "-"
         self._models: dict[str, ModelEntry] = {}
-        self._queue_lengths: dict[str, int] = {}
         self._failures = 0
         self._ever_connected = False
         self._lost_at: float | None = None  # when the broker connection was lost, while it is
@@ -394,6 +430,7 @@ class CapacityClient:
         # may be gone with a restarted broker until their consumer declares it again.
         self._unconfirmed: set[str] = set()
         self._parked: dict[str, list[str]] = {}  # model -> correlation ids waiting for that declare
+        self._gauged: set[str] = set()  # models with a dispatcher_queue_waiting sample
         self._releases: dict[str, list[str]] = {}  # release_to -> leases, sent within RELEASE_BATCH_S
         self._release_timer: asyncio.TimerHandle | None = None
 
@@ -420,16 +457,17 @@ class CapacityClient:
         entry = self._models.get(model)
         return entry is not None and entry.is_live(self._liveness_clock())
 
-    def queue_length(self, model: str) -> int:
-        return self._queue_lengths.get(model, 0)
+    def slots(self, model: str) -> int:
+        entry = self._models.get(model)
+        return 0 if entry is None or not entry.is_live(self._liveness_clock()) else entry.total_slots()
 
     # -- the RPC --
 
-    async def acquire_grant(self, model: str, priority: int, deadline: float) -> Grant:
+    async def acquire_grant(self, model: str, priority: int, share_bucket: int, deadline: float) -> Grant:
         if self._rpc is None:
             raise broker_unavailable()
         correlation_id = f"{self._id_prefix}{next(self._ids)}"
-        waiting = WaitingRequest(model, min(priority, self._max_priority), deadline,
+        waiting = WaitingRequest(model, min(priority, self._max_priority), share_bucket, deadline,
                                  asyncio.get_running_loop().create_future())
         self._pending[correlation_id] = waiting
         try:
@@ -455,25 +493,47 @@ class CapacityClient:
             raise
         finally:
             self._pending.pop(correlation_id, None)
+            waiting.stop_aging()
 
     def _publish_grant_request(self, correlation_id: str, waiting: WaitingRequest) -> None:
         """Publishes a grant request, confirmed and mandatory (a queue that is gone comes back as
         PublishError at once). If the channel is down, the request stays waiting: `_serve`
         publishes it again when the broker is back."""
         channel = self._rpc
-        if channel is None:
+        entry = self._models.get(waiting.model)
+        if channel is None or entry is None:
             return
-        expiration_ms = max(1, int((waiting.deadline - time.monotonic()) * 1000))
+        priority, next_step = aging_plan(waiting.priority, waiting.age, waiting.queued_at, waiting.deadline,
+                                         self._aging_s, self._max_priority)
+        now = time.monotonic()
+        expires = waiting.deadline
+        if next_step is not None:
+            # Aging publishes a copy one level up at the next step; this copy lasts a little beyond it, so
+            # that one of them is always queued, then expires (the broker drops it without delivering it).
+            waiting.stop_aging()
+            waiting.aging_timer = asyncio.get_running_loop().call_later(
+                next_step - now, self._age, correlation_id, waiting)
+            expires = min(expires, next_step + AGING_OVERLAP_S)
+        expiration_ms = max(1, int((expires - now) * 1000))
         try:
             confirmation = channel.basic_publish(
-                encode(GrantRequest(waiting.priority)), routing_key=model_queue(waiting.model), mandatory=True,
-                priority=waiting.priority, correlation_id=correlation_id, reply_to=DIRECT_REPLY_TO,
-                expiration=str(expiration_ms), message_id=correlation_id, delivery_mode=1)
+                encode(GrantRequest(waiting.priority)), routing_key=entry.queue, mandatory=True,
+                priority=queue_priority(priority, waiting.share_bucket, entry.levels),
+                correlation_id=correlation_id, reply_to=DIRECT_REPLY_TO, expiration=str(expiration_ms),
+                message_id=correlation_id, delivery_mode=1)
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             log.debug("grant request kept for the next connection: %s", type(exc).__name__)
             return
         assert confirmation is not None  # the RPC channel has publisher confirms
         confirmation.add_done_callback(lambda done: self._on_confirm(correlation_id, waiting, done))
+
+    def _age(self, correlation_id: str, waiting: WaitingRequest) -> None:
+        """One aging step: the request competes one level higher, through a copy published at that level.
+        If both copies are granted, the second grant finds nobody waiting and is released at once."""
+        waiting.aging_timer = None
+        if self._pending.get(correlation_id) is waiting and not waiting.future.done():
+            waiting.age += 1
+            self._publish_grant_request(correlation_id, waiting)
 
     def _on_confirm(self, correlation_id: str, waiting: WaitingRequest, confirmation: asyncio.Future[Any]) -> None:
         """Only a refusal matters: it is handed to the grant's future, so that the request's task wakes
@@ -524,12 +584,17 @@ class CapacityClient:
         if not announcement.alive:
             if entry is not None:
                 entry.consumers.pop(announcement.consumer, None)
+                entry.slots.pop(announcement.consumer, None)
             return
         if entry is None:
             entry = self._models[announcement.model] = ModelEntry(card=announcement.card)
             log.info("model %s is served", announcement.model)
         entry.card = announcement.card
         entry.consumers[announcement.consumer] = time.monotonic() + announcement.ttl_s
+        entry.slots[announcement.consumer] = announcement.slots
+        # All consumers of a model share MAX_PRIORITY and FAIR_SHARE_LEVELS, hence one queue.
+        entry.queue = announcement.queue or model_queue(announcement.model)
+        entry.levels = announcement.levels
         if announcement.model in self._unconfirmed:  # its consumer is back, and has declared its queue
             self._unconfirmed.discard(announcement.model)
             self._publish_again(self._parked.pop(announcement.model, []))
@@ -573,16 +638,20 @@ class CapacityClient:
         announcements = await release.aiormq.queue_declare("", exclusive=True, auto_delete=True)
         await release.aiormq.queue_bind(announcements.queue, ANNOUNCE_EXCHANGE)
         await release.aiormq.basic_consume(announcements.queue, self.on_announcement, no_ack=True)
+        await release.aiormq.exchange_declare(STATE_EXCHANGE, exchange_type="fanout")
+        states = await release.aiormq.queue_declare("", exclusive=True, auto_delete=True)
+        await release.aiormq.queue_bind(states.queue, STATE_EXCHANGE)
+        await release.aiormq.basic_consume(states.queue, self.on_state, no_ack=True)
         self._rpc, self._release = rpc, release
         self._failures = 0
         self._ever_connected = True
         self._resume_after_outage()
         log.info("connected to RabbitMQ")
-        poller = asyncio.create_task(self._poll_queue_lengths(connection.aiormq))
+        sharer = asyncio.create_task(self._share_state(connection.aiormq, release))
         try:
             await amqp.wait_closed(connection.aiormq, rpc.aiormq, release.aiormq)
         finally:
-            await cancel_and_wait(poller)
+            await cancel_and_wait(sharer)
 
     def _resume_after_outage(self) -> None:
         """After a reconnect: the announcements' clock runs again where it stopped, and the requests
@@ -613,36 +682,35 @@ class CapacityClient:
                 if request is not None and not request.future.done():
                     request.future.set_exception(model_not_found(model))
 
-    async def _poll_queue_lengths(self, connection: aiormq.abc.AbstractConnection) -> None:
-        """Reads the ready count of each live model's queue every 100 ms, on a channel of its own
-        (a passive declare of a missing queue closes its channel with a 404), for as long as the
-        connection is open.
+    async def _share_state(self, connection: aiormq.abc.AbstractConnection, channel: amqp.FastChannel) -> None:
+        """Every STATE_INTERVAL_S, for as long as the connection is open: publishes this sender's
+        counts for the other senders (queue_state.py), and refreshes the queue gauge.
 
-        The loop ends with the connection, not only when cancelled: aiormq runs each RPC in a task
-        of its own and, when the connection closes, turns a cancellation that arrives meanwhile into
-        the connection's error (its TaskWrapper), which looks like any failed declare here.
+        The loop ends with the connection, not only when cancelled: aiormq runs some operations in a
+        task of its own and, when the connection closes, may turn a cancellation that arrives meanwhile
+        into the connection's error, which a loop that survives errors would swallow.
         """
-        probe: aiormq.abc.AbstractChannel | None = None
+        expiration = str(int(STATE_TTL_S * 1000))  # a stale snapshot is worthless: the broker drops it
         while not connection.is_closed:
-            for model in self.live_models():
-                try:
-                    if probe is None or probe.is_closed:
-                        probe = await connection.channel(publisher_confirms=False)
-                    declared = await probe.queue_declare(model_queue(model), passive=True)
-                    waiting = declared.message_count or 0
-                except aiormq.exceptions.ChannelNotFoundEntity:
-                    waiting = 0  # no queue yet, or no more: nobody waits
-                except (aiormq.exceptions.AMQPError, RuntimeError) as exc:
-                    log.debug("queue length of %s unknown: %s", model, type(exc).__name__)
-                    continue  # keep the last count; the connection supervisor handles a dead link
-                self._queue_lengths[model] = waiting
-                self._queue_waiting.labels(model).set(waiting)
-            for model in list(self._queue_lengths):
-                if not self.is_live(model):
-                    del self._queue_lengths[model]
-                    self._queue_waiting.remove(model)
+            try:
+                channel.basic_publish(self._state.snapshot(), exchange=STATE_EXCHANGE, routing_key="",
+                                      delivery_mode=1, expiration=expiration)
+            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+                log.debug("queue state not shared: %s", type(exc).__name__)
+            live = self.live_models()
+            for model in live:
+                self._queue_waiting.labels(model).set(self._state.waiting(model))
+            for model in self._gauged - live.keys():
+                self._queue_waiting.remove(model)
+            self._gauged = set(live)
             self._expire_parked()
-            await asyncio.sleep(QUEUE_LENGTH_REFRESH_S)
+            await asyncio.sleep(STATE_INTERVAL_S)
+
+    async def on_state(self, message: DeliveredMessage) -> None:
+        try:
+            self._state.on_snapshot(message.body)
+        except ValueError as exc:
+            log.warning("ignored a malformed queue state: %s", exc)
 
     def release_soon(self, grant: Grant) -> None:
         """Gives a grant back. Not a coroutine, so that a cancelled handler cannot lose it; the
@@ -916,6 +984,7 @@ class Service:
     capacity: CapacityClient
     upstream: UpstreamPool
     metrics: Metrics
+    queue: QueueState
     shutting_down: bool = False
 
 
@@ -1007,12 +1076,45 @@ def effective_priority(token: TokenInfo, headers: list[tuple[bytes, bytes]]) -> 
     return min(value, token.priority)
 
 
-def check_threshold(capacity: CapacityClient, model: str, token: TokenInfo) -> None:
-    waiting = capacity.queue_length(model)
+def queue_timeout(headers: list[tuple[bytes, bytes]]) -> float | None:
+    """The client's `X-Queue-Timeout: N`: how many seconds it accepts to wait for a grant."""
+    asked = header_value(headers, b"x-queue-timeout")
+    if asked is None:
+        return None
+    try:
+        value = float(asked)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < math.inf:
+        raise ApiError(400, "X-Queue-Timeout must be a non-negative number of seconds.", code="invalid_queue_timeout",
+                       param="X-Queue-Timeout")
+    return value
+
+
+def check_admission(state: QueueState, model: str, token: TokenInfo, priority: int, timeout_s: float | None) -> None:
+    """The three reasons to refuse a request at once (429), from the counts all senders share:
+    the queue is longer than the token's threshold, the token has `max_in_flight` requests out for
+    this model, or the client will not wait as long as the wait is estimated to last."""
+    waiting = state.waiting(model)
     if waiting > token.threshold:
         raise ApiError(429, f"{waiting} requests are waiting for model `{model}`, more than this token "
-                       f"accepts ({token.threshold}); try again later.", type="rate_limit_error",
-                       code="queue_full", retry_after_s=RETRY_AFTER_QUEUE_FULL_S)
+                       f"accepts ({token.threshold}); try again later.", type="rate_limit_error", code="queue_full",
+                       retry_after_s=retry_after_s(state.estimated_wait_s(model, waiting - token.threshold),
+                                                   RETRY_AFTER_QUEUE_FULL_S))
+    if token.max_in_flight is not None:
+        outstanding = state.outstanding(model, token.name)
+        if outstanding >= token.max_in_flight:
+            raise ApiError(429, f"This token already has {outstanding} requests for model `{model}` waiting or "
+                           f"running, its limit; try again when one has finished.", type="rate_limit_error",
+                           code="token_limit", retry_after_s=retry_after_s(
+                               state.estimated_wait_s(model, outstanding - token.max_in_flight + 1),
+                               RETRY_AFTER_QUEUE_FULL_S))
+    if timeout_s is not None:
+        estimate = state.estimated_wait_s(model, state.waiting(model, at_least=priority) + 1)
+        if estimate is not None and estimate > timeout_s:
+            raise ApiError(429, f"The wait for model `{model}` is estimated at {estimate:.0f} s, longer than the "
+                           f"{timeout_s:g} s of X-Queue-Timeout.", type="rate_limit_error", code="queue_timeout",
+                           retry_after_s=retry_after_s(estimate, RETRY_AFTER_QUEUE_FULL_S))
 
 
 def listed_in_connection(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
@@ -1119,17 +1221,31 @@ async def proxy(service: Service, client: ClientConnection, request: Request, to
     model = read_model(request.headers, body)
     priority = effective_priority(token, request.headers)
     outcome["model"], outcome["priority"] = model, priority
+    timeout_s = queue_timeout(request.headers)
     if not is_valid_model_id(model) or not service.capacity.is_live(model):
         raise model_not_found(model)
-    # 3. check threshold
-    check_threshold(service.capacity, model, token)
+    # 3. check threshold, cap and deadline
+    state = service.queue
+    check_admission(state, model, token, priority, timeout_s)
     # 4. acquire grant
     queued_at = time.monotonic()
-    grant = await service.capacity.acquire_grant(model, priority, queued_at + config.grant_timeout_s)
+    wait_s = config.grant_timeout_s if timeout_s is None else min(timeout_s, config.grant_timeout_s)
+    bucket = share_bucket(state.outstanding(model, token.name) + 1)  # fair share: fewer outstanding, sooner
+    state.add_waiting(model, token.name, priority)
+    try:
+        grant = await service.capacity.acquire_grant(model, priority, bucket, queued_at + wait_s)
+    except ApiError as error:
+        if error.status == 503:  # when a request of this priority would be granted
+            error.retry_after_s = retry_after_s(
+                state.estimated_wait_s(model, state.waiting(model, at_least=priority)), RETRY_AFTER_UNAVAILABLE_S)
+        raise
+    finally:
+        state.remove_waiting(model, token.name, priority)
     granted_at = time.monotonic()
     service.metrics.grant_wait.labels(model).observe(granted_at - queued_at)
     in_flight = service.metrics.in_flight.labels(model)
     in_flight.inc()
+    state.add_running(model, token.name)
     connection = None
     try:
         # 5. acquire upstream connection, send head and original body
@@ -1148,7 +1264,24 @@ async def proxy(service: Service, client: ClientConnection, request: Request, to
         if connection is not None:
             service.upstream.release(connection)
         in_flight.dec()
+        state.remove_running(model, token.name)
         service.capacity.release_soon(grant)  # not awaited: a hang-up cancelling us cannot lose it
+
+
+async def queue_status(service: Service, client: ClientConnection, token: TokenInfo) -> None:
+    """GET /v1/queue: each live model's queue as all senders count it, seen from the caller's priority."""
+    state = service.queue
+    data = []
+    for model in sorted(service.capacity.live_models()):
+        ahead = state.waiting(model, at_least=token.priority)
+        rate = state.grant_rate(model)
+        data.append({"model": model, "waiting": state.waiting(model), "waiting_ahead": ahead,
+                     "running": state.running(model), "slots": service.capacity.slots(model),
+                     "grant_rate": round(rate or 0.0, 3),
+                     "estimated_wait_seconds": None if rate is None else round((ahead + 1) / rate, 1),
+                     "your_waiting": state.waiting(model, token=token.name),
+                     "your_running": state.running(model, token=token.name)})
+    await client.send_json(200, {"object": "list", "data": data})
 
 
 async def list_models(service: Service, client: ClientConnection, model_id: str | None) -> None:
@@ -1178,9 +1311,11 @@ async def handle(service: Service, client: ClientConnection, request: Request, h
         ready = not service.shutting_down and service.capacity.is_ready() and await service.tokens.is_ready()
         await client.send_json(200 if ready else 503, {"status": "ready" if ready else "not ready"})
     else:
-        await service.tokens.authenticate(header_value(request.headers, b"authorization"))
+        token = await service.tokens.authenticate(header_value(request.headers, b"authorization"))
         if path == b"/v1/models":
             await list_models(service, client, None)
+        elif path == b"/v1/queue":
+            await queue_status(service, client, token)
         elif path.startswith(b"/v1/models/"):
             await list_models(service, client, urllib.parse.unquote(path[len(b"/v1/models/"):].decode("latin-1")))
         else:
@@ -1351,11 +1486,12 @@ async def run(config: Config) -> None:
         else:
             assert config.tokens_file is not None
             tokens = TokenStore.from_file(config.tokens_file, config.token_cache_s, config.max_priority)
-        capacity = CapacityClient(config.rabbitmq_url, config.max_priority, config.rpc_reconnect_attempts,
-                                  metrics.queue_waiting)
+        state = QueueState(sender_id=os.urandom(6).hex())
+        capacity = CapacityClient(config.rabbitmq_url, config.max_priority, config.rpc_reconnect_attempts, state,
+                                  metrics.queue_waiting, aging_s=config.priority_aging_s)
         upstream = UpstreamPool()
         stack.callback(upstream.close)
-        service = Service(config, tokens, capacity, upstream, metrics)
+        service = Service(config, tokens, capacity, upstream, metrics, state)
 
         maintainer = asyncio.create_task(capacity.maintain())
         stack.push_async_callback(cancel_and_wait, maintainer)

@@ -1,8 +1,9 @@
 """The messages the sender and the consumers exchange through RabbitMQ, and where they go.
 
-- Grant request: the sender publishes `GrantRequest` on the model's priority queue
-  (`model_queue(model)`), with the AMQP properties `priority`, `correlation_id`, `reply_to`
-  (the sender's reply address) and `expiration` (milliseconds left before the sender gives up).
+- Grant request: the sender publishes `GrantRequest` on the model's priority queue (the `queue` its
+  consumers announce), with the AMQP properties `priority` (`queue_priority`: the token's priority,
+  then a fair-share sub-level), `correlation_id`, `reply_to` (the sender's reply address) and
+  `expiration` (milliseconds left before the sender gives up).
 - Grant: the consumer answers with `Grant` to `reply_to`, with the same `correlation_id`.
 - Release: when the response has ended (or failed, or the client left), the sender publishes
   `Release` to the consumer's own queue, named in the grant (`release_to`); the releases of a
@@ -22,7 +23,7 @@ from typing import Any
 
 import orjson
 
-MODEL_QUEUE_PREFIX = "dispatcher.model."
+MODEL_QUEUE_PREFIX = "dispatcher.model."  # the queues of consumers that announce none (before fair share)
 ANNOUNCE_EXCHANGE = "dispatcher.models"
 ANNOUNCE_INTERVAL_S = 2.0
 ANNOUNCE_TTL_S = 10.0
@@ -38,14 +39,40 @@ class MessageError(ValueError):
     """A message body that does not decode into the expected message."""
 
 
-def model_queue(model: str) -> str:
-    """The name of the priority queue where requests for `model` wait."""
-    return MODEL_QUEUE_PREFIX + model
+def model_queue(model: str, max_queue_priority: int | None = None) -> str:
+    """The name of the priority queue where requests for `model` wait.
+
+    The name carries the queue's `x-max-priority`: RabbitMQ refuses (PRECONDITION_FAILED) to declare a
+    queue again with other arguments, so consumers started with another MAX_PRIORITY or
+    FAIR_SHARE_LEVELS (an upgrade, a configuration change) use a queue of their own instead of
+    wedging on the old one, which expires once its last consumer has gone. None: the name used by
+    consumers that announce no queue (the layout before fair share)."""
+    if max_queue_priority is None:
+        return MODEL_QUEUE_PREFIX + model
+    return f"dispatcher.p{max_queue_priority}.{model}"
 
 
 def is_valid_model_id(model: str) -> bool:
-    name = model_queue(model)
-    return bool(model) and len(name.encode()) <= _MAX_QUEUE_NAME_BYTES and _QUEUE_NAME.match(name) is not None
+    names = (model_queue(model), model_queue(model, 255))
+    return bool(model) and all(len(name.encode()) <= _MAX_QUEUE_NAME_BYTES and _QUEUE_NAME.match(name) is not None
+                               for name in names)
+
+
+# Fair share within a priority: each priority owns `levels` consecutive queue priorities, and a
+# request's sub-level says how many requests its token had outstanding for the model when it came
+# (fewer: higher). Any request of priority p + 1 still goes before every request of priority p.
+
+def max_queue_priority(max_priority: int, levels: int) -> int:
+    return (max_priority + 1) * levels - 1
+
+
+def share_bucket(outstanding: int) -> int:
+    """0 for a token's first outstanding request, 1 for its 2nd-3rd, 2 for its 4th-7th, 3 for its 8th-15th..."""
+    return max(1, outstanding).bit_length() - 1
+
+
+def queue_priority(priority: int, bucket: int, levels: int) -> int:
+    return priority * levels + levels - 1 - min(bucket, levels - 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +101,9 @@ class Announcement:
     card: dict[str, Any]       # the model's entry as vLLM gives it in /v1/models
     alive: bool = True
     ttl_s: float = ANNOUNCE_TTL_S
+    slots: int = 0             # the parallel-request cap of the consumer's healthy servers, summed
+    queue: str | None = None   # where the model's requests wait (None: `model_queue(model)`)
+    levels: int = 1            # fair-share sub-levels per priority in that queue
 
 
 def encode(message: GrantRequest | Grant | Release | Announcement) -> bytes:
@@ -131,10 +161,18 @@ def decode_announcement(body: bytes) -> Announcement:
     if not isinstance(alive, bool):
         raise MessageError("field 'alive' has the wrong type")
     ttl_s = _typed(f, "ttl_s", (int, float), optional=True)
+    slots = _typed(f, "slots", int, optional=True)
+    queue = _typed(f, "queue", str, optional=True)
+    levels = _typed(f, "levels", int, optional=True)
+    if levels is not None and not 1 <= levels <= 256:
+        raise MessageError("field 'levels' is out of range")
     return Announcement(
         model=_typed(f, "model", str),
         consumer=_typed(f, "consumer", str),
         card=_typed(f, "card", dict),
         alive=alive,
         ttl_s=float(ttl_s) if ttl_s is not None else ANNOUNCE_TTL_S,
+        slots=max(0, slots or 0),
+        queue=queue,
+        levels=levels or 1,
     )

@@ -223,19 +223,27 @@ def metric_value(service: Service, sample: str) -> float | None:
     return None
 
 
-def queue_ready_count(model: str) -> int:
-    """Requests waiting for `model` in RabbitMQ (ready messages of its queue), read like the sender does."""
+def consumer_queue(model: str) -> str:
+    """The queue of `model`'s requests, as a consumer with the default MAX_PRIORITY and FAIR_SHARE_LEVELS
+    declares it."""
+    from common.messages import max_queue_priority, model_queue
+    from consumer import DEFAULT_FAIR_SHARE_LEVELS
+
+    return model_queue(model, max_queue_priority(10, DEFAULT_FAIR_SHARE_LEVELS))
+
+
+def queue_ready_count(model: str, broker_url: str = RABBITMQ_URL) -> int:
+    """Requests waiting for `model` in RabbitMQ: the ready messages of its queue."""
     import asyncio
 
     import aiormq
 
-    from common.messages import model_queue
 
     async def count() -> int:
-        connection = await aiormq.connect(RABBITMQ_URL)
+        connection = await aiormq.connect(broker_url)
         try:
             channel = await connection.channel()
-            declared = await channel.queue_declare(model_queue(model), passive=True)
+            declared = await channel.queue_declare(consumer_queue(model), passive=True)
             return declared.message_count or 0
         finally:
             await connection.close()

@@ -16,9 +16,8 @@ import aiormq
 import openai
 import pytest
 
-from common.messages import model_queue
 from tests.helpers import http, wait_until
-from tests.integration.conftest import RABBITMQ_URL, Stack, Tokens, http_get, queue_ready_count
+from tests.integration.conftest import RABBITMQ_URL, Stack, Tokens, consumer_queue, http_get, queue_ready_count
 
 PROMPT = [{"role": "user", "content": "hello"}]
 
@@ -130,7 +129,7 @@ def test_queue_gone_while_the_model_is_still_listed_is_404_at_once(stack: Stack,
     sender = stack.sender()
     stack.served(sender, unique_model, tokens.high)
     consumer.kill()  # no goodbye: the sender keeps the model listed until its announcement expires
-    asyncio.run(delete_queue(model_queue(unique_model)))
+    asyncio.run(delete_queue(consumer_queue(unique_model)))
     status, body = http(sender.url + "/v1/models", token=tokens.high)
     assert status == 200 and unique_model in [model["id"] for model in json.loads(body)["data"]]
 

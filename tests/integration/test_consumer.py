@@ -29,7 +29,7 @@ import pytest
 from pamqp import commands as spec
 
 from common.messages import (ANNOUNCE_EXCHANGE, Announcement, Grant, GrantRequest, Release, decode_announcement,
-                             decode_grant, encode, model_queue)
+                             decode_grant, encode, max_queue_priority, model_queue, queue_priority)
 from tests.helpers import async_wait_until, free_port
 
 pytestmark = pytest.mark.integration
@@ -38,6 +38,12 @@ ROOT = Path(__file__).resolve().parents[2]
 RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 NO_GRANT_WAIT_S = 0.5   # how long "no grant arrives" is watched for
+LEVELS = 4              # the consumer's default FAIR_SHARE_LEVELS, with MAX_PRIORITY 10
+
+
+def queue_of(model: str) -> str:
+    """The queue a consumer with the default MAX_PRIORITY and FAIR_SHARE_LEVELS serves."""
+    return model_queue(model, max_queue_priority(10, LEVELS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,8 +215,8 @@ class Broker:
     async def request(self, model: str, priority: int, correlation_id: str, body: bytes | None = None) -> None:
         assert self.channel is not None
         await self.channel.basic_publish(
-            encode(GrantRequest(priority)) if body is None else body, routing_key=model_queue(model),
-            properties=spec.Basic.Properties(priority=priority, correlation_id=correlation_id,
+            encode(GrantRequest(priority)) if body is None else body, routing_key=queue_of(model),
+            properties=spec.Basic.Properties(priority=queue_priority(priority, 0, LEVELS), correlation_id=correlation_id,
                                              reply_to=DIRECT_REPLY_TO, expiration="60000"),
             mandatory=True)
 
@@ -231,7 +237,7 @@ class Broker:
         """Messages waiting in the model's queue, not delivered to anyone."""
         probe = await self.connection.channel(publisher_confirms=False)
         try:
-            declared = await probe.queue_declare(model_queue(model), passive=True)
+            declared = await probe.queue_declare(queue_of(model), passive=True)
             return declared.message_count or 0
         finally:
             await probe.close()
@@ -346,7 +352,8 @@ async def test_roomy_consumer_takes_several_at_once_yet_keeps_priority_and_cap(b
     drops back to one before the room runs out: from a queue of 60, the 20 high-priority ones are
     granted first, exactly 40 in all, and the 20 left stay in the queue, none held unacked."""
     assert broker.channel is not None
-    await broker.channel.queue_declare(model_queue(vllm.model), arguments={"x-max-priority": 10, "x-expires": 10000})
+    await broker.channel.queue_declare(queue_of(vllm.model), arguments={"x-max-priority": max_queue_priority(10, LEVELS),
+                                                                        "x-expires": 10000})
     for index in range(40):
         await broker.request(vllm.model, 1, f"low-{index}")
     for index in range(20):

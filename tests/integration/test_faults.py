@@ -180,7 +180,8 @@ def test_waiting_requests_are_served_after_a_broker_restart_in_priority_order(
         broker_up.stop_app()  # every waiting message is lost with the node's queues
         time.sleep(OUTAGE_S)
         broker_up.start_app()
-        wait_until(lambda: waiting() == 5, timeout_s=15, what="the five requests waiting again")
+        wait_until(lambda: queue_ready_count(unique_model, broker_up.url) == 5, timeout_s=15,
+                   what="the five requests in the queue again")
         held.close()  # the slot is released on the new connection
         results = [future.result(60) for future in futures]
     assert sorted(results) == ["high-0", "high-1", "low-0", "low-1", "low-2"]

@@ -34,7 +34,6 @@ class GrantAtOnce:
         self.vllm_priority = vllm_priority
         self.granted: list[tuple[str, int]] = []
         self.released: list[str] = []
-        self.queue_lengths: dict[str, int] = {}
 
     def is_ready(self) -> bool:
         return True
@@ -45,10 +44,10 @@ class GrantAtOnce:
     def live_models(self) -> dict[str, dict[str, Any]]:
         return {MODEL: {"id": MODEL, "object": "model"}}
 
-    def queue_length(self, model: str) -> int:
-        return self.queue_lengths.get(model, 0)
+    def slots(self, model: str) -> int:
+        return 1
 
-    async def acquire_grant(self, model: str, priority: int, deadline: float) -> Grant:
+    async def acquire_grant(self, model: str, priority: int, share_bucket: int, deadline: float) -> Grant:
         lease = f"lease-{len(self.granted)}"
         self.granted.append((model, priority))
         return Grant(lease=lease, url=self.url, api_key=self.api_key, release_to="none",
@@ -98,7 +97,7 @@ async def start_proxy() -> AsyncIterator[Callable[..., Any]]:
         capacity = GrantAtOnce(upstream_url, api_key=api_key, vllm_priority=vllm_priority)
         pool = sender.UpstreamPool()
         service = sender.Service(make_config(**overrides), make_tokens(), capacity,  # type: ignore[arg-type]
-                                 pool, sender.Metrics.create(prom.CollectorRegistry()))
+                                 pool, sender.Metrics.create(prom.CollectorRegistry()), sender.QueueState("proxy-test"))
         server = await sender.start_server(service, "127.0.0.1", 0)
         started.append((server, pool))
         return Proxy(server.port, capacity, server)

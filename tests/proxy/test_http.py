@@ -222,7 +222,7 @@ async def test_own_errors_are_openai_envelopes(start_proxy, headers, body, statu
 
 async def test_queue_longer_than_threshold_is_429_with_retry_after(start_proxy) -> None:
     proxy = await start_proxy("http://127.0.0.1:9")
-    proxy.capacity.queue_lengths[MODEL] = 1
+    proxy.server.service.queue.add_waiting(MODEL, "someone", 5)  # one request waits, from another token
     client = await RawClient.connect(proxy.port)
     low = await client.request("POST", "/v1/chat/completions", [("authorization", "Bearer sk-low"), JSON], CHAT)
     assert low[0].status_code == 429 and int(header(low[0], "retry-after")) >= 1

@@ -146,7 +146,8 @@ async def test_releases_of_one_batch_go_out_as_one_message_per_consumer(monkeypa
 
     import prometheus_client as prom
 
-    capacity = sender.CapacityClient("amqp://unused", 10, 3, sender.Metrics.create(prom.CollectorRegistry()).queue_waiting)
+    capacity = sender.CapacityClient("amqp://unused", 10, 3, sender.QueueState("test"),
+                                      sender.Metrics.create(prom.CollectorRegistry()).queue_waiting)
     published: list[tuple[str, list[str]]] = []
 
     def publish_releases(release_to: str, leases: list[str]) -> None:
@@ -168,7 +169,8 @@ async def test_flush_sends_gathered_releases_at_once_and_only_once(monkeypatch) 
 
     import prometheus_client as prom
 
-    capacity = sender.CapacityClient("amqp://unused", 10, 3, sender.Metrics.create(prom.CollectorRegistry()).queue_waiting)
+    capacity = sender.CapacityClient("amqp://unused", 10, 3, sender.QueueState("test"),
+                                      sender.Metrics.create(prom.CollectorRegistry()).queue_waiting)
     published: list[tuple[str, list[str]]] = []
     monkeypatch.setattr(capacity, "publish_releases", lambda release_to, leases: published.append((release_to, leases)))
     capacity.release_soon(Grant(lease="a", url="http://v", api_key=None, release_to="consumer-1", vllm_priority=None))
@@ -176,3 +178,34 @@ async def test_flush_sends_gathered_releases_at_once_and_only_once(monkeypatch) 
     assert published == [("consumer-1", ["a"])]
     await asyncio.sleep(sender.RELEASE_BATCH_S * 2)
     assert published == [("consumer-1", ["a"])]
+
+
+@pytest.mark.parametrize(("priority", "age", "aging_s", "expected"), [
+    pytest.param(1, 0, 0.0, (1, None), id="aging-off"),
+    pytest.param(1, 0, 10.0, (1, 110.0), id="first-step-after-one-period"),
+    pytest.param(1, 3, 10.0, (4, 140.0), id="three-steps-up"),
+    pytest.param(8, 2, 10.0, (10, None), id="reaches-max-priority-and-stops"),
+    pytest.param(8, 5, 10.0, (10, None), id="never-above-max-priority"),
+    pytest.param(1, 0, 200.0, (1, None), id="next-step-after-the-deadline"),
+])
+def test_aging_raises_priority_one_level_per_period_up_to_the_max(priority, age, aging_s, expected) -> None:
+    """Queued at 100 with a deadline at 250 and MAX_PRIORITY 10."""
+    assert sender.aging_plan(priority, age, 100.0, 250.0, aging_s, 10) == expected
+
+
+@pytest.mark.parametrize(("outstanding", "bucket", "queue_priority"), [
+    pytest.param(1, 0, 23, id="first-request-highest-sub-level"),
+    pytest.param(2, 1, 22, id="second"),
+    pytest.param(3, 1, 22, id="third-same-class-as-second"),
+    pytest.param(4, 2, 21, id="fourth-to-seventh"),
+    pytest.param(8, 3, 20, id="eighth"),
+    pytest.param(1000, 9, 20, id="many-stay-in-the-lowest-sub-level"),
+])
+def test_fair_share_sub_levels_stay_inside_their_priority(outstanding, bucket, queue_priority) -> None:
+    """Priority 5 with 4 sub-levels owns queue priorities 20-23: a token's first outstanding request gets the
+    highest, and no request of priority 5 reaches priority 6's range (24-27) or falls into priority 4's."""
+    from common.messages import queue_priority as encode_priority, share_bucket
+
+    assert share_bucket(outstanding) == bucket
+    assert encode_priority(5, bucket, 4) == queue_priority
+    assert encode_priority(4, 0, 4) < encode_priority(5, 99, 4) <= encode_priority(5, 0, 4) < encode_priority(6, 99, 4)
