@@ -43,8 +43,9 @@ POSTGRES_IMAGE = "postgres"
 BOTH_ENV = {"RABBITMQ_HOST", "RABBITMQ_PORT", "RABBITMQ_USER", "RABBITMQ_PASSWORD", "LOG_LEVEL",
             "RPC_RECONNECT_ATTEMPTS", "MAX_PRIORITY"}
 CONSUMER_ENV = BOTH_ENV | {"MODEL", "VLLM_URL", "VLLM_API_KEY", "MAX_PARALLEL_REQUESTS",
-                           "MIN_TOKENS_PER_SECOND_PER_USER", "METRICS_REFRESH_SECONDS", "RPC_QUEUE_EXPIRATION",
-                           "PROBE_PORT", "MAX_VLLM_CONNECTION_ATTEMPTS", "FORWARD_PRIORITY", "LEASE_TIMEOUT_SECONDS"}
+                           "MIN_TOKENS_PER_SECOND_PER_USER", "BURST_GRANTS", "METRICS_REFRESH_SECONDS",
+                           "RPC_QUEUE_EXPIRATION", "PROBE_PORT", "MAX_VLLM_CONNECTION_ATTEMPTS", "FORWARD_PRIORITY",
+                           "LEASE_TIMEOUT_SECONDS"}
 SENDER_ENV = BOTH_ENV | {"SENDER_HOST", "SENDER_PORT", "METRICS_PORT", "DATABASE_URL", "TOKEN_CACHE_SECONDS",
                          "GRANT_TIMEOUT", "UPSTREAM_TIMEOUT", "MAX_BODY_BYTES"}
 # Variables that only exist for Kubernetes' $(VAR) expansion, not read by the services.
@@ -203,18 +204,19 @@ def test_consumer_configuration_parses_and_points_at_its_own_vllm(rendered: dict
         assert config.rabbitmq_url.startswith("amqp://")
 
 
-@pytest.mark.parametrize(("case_id", "model", "parallel", "min_speed", "forward"), [
-    pytest.param("default", "qwen2-5-7b-instruct", 64, 10.0, False, id="chart-defaults"),
-    pytest.param("two-models", "llama-3-1-8b", 32, 10.0, True, id="model-overrides-parallel-and-priority"),
-    pytest.param("two-models", "qwen-72b-awq", 64, 12.5, False, id="model-overrides-speed-floor"),
+@pytest.mark.parametrize(("case_id", "model", "parallel", "min_speed", "burst", "forward"), [
+    pytest.param("default", "qwen2-5-7b-instruct", 64, 10.0, 4, False, id="chart-defaults"),
+    pytest.param("two-models", "llama-3-1-8b", 32, 10.0, 4, True, id="model-overrides-parallel-and-priority"),
+    pytest.param("two-models", "qwen-72b-awq", 64, 12.5, 2, False, id="model-overrides-speed-floor-and-burst"),
 ])
 def test_consumer_capacity_settings(rendered: dict[str, Objects], case_id: str, model: str, parallel: int,
-                                    min_speed: float, forward: bool) -> None:
+                                    min_speed: float, burst: int, forward: bool) -> None:
     objects = rendered[case_id]
     env = resolve_env(container(models_of(objects)[model], "consumer"), secret_values(objects))
     config = consumer.Config.from_env(env)
     assert config.servers[0].max_parallel == parallel
     assert config.min_tokens_per_second_per_user == min_speed
+    assert config.burst_grants == burst
     assert config.forward_priority is forward
     assert config.max_vllm_connection_attempts >= 3600, "the consumer must outwait a model download"
 
