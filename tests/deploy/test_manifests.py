@@ -4,6 +4,7 @@ contexts, the migration hook, the ingress, and the wiring between objects."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -104,6 +105,21 @@ def consumer_containers(objects: Objects) -> list[dict[str, Any]]:
         "--tensor-parallel-size", "2",
         "--rope-scaling", '{"rope_type":"yarn","factor":4.0,"original_max_position_embeddings":32768}'],
         id="rope-flags-without-theta"),
+    pytest.param("tool-calling", "llama-tools", [
+        "--model", "meta-llama/Llama-3.1-8B-Instruct", "--served-model-name", "llama-3.1-8b",
+        "--port", "8000", "--gpu-memory-utilization", "0.9",
+        "--enable-auto-tool-choice", "--tool-call-parser", "llama3_json",
+        "--chat-template", "/etc/vllm/chat-template/chat-template.jinja", "--max-model-len", "32768"],
+        id="tool-calling-and-chat-template-before-extra-args"),
+    pytest.param("tool-calling", "mistral-tools", [
+        "--model", "mistralai/Mistral-7B-Instruct-v0.3", "--served-model-name", "mistralai/Mistral-7B-Instruct-v0.3",
+        "--port", "8000", "--gpu-memory-utilization", "0.9",
+        "--enable-auto-tool-choice", "--tool-call-parser", "mistral",
+        "--chat-template", "/templates/tool_chat_template_mistral.jinja"], id="tool-calling-and-chat-template-path"),
+    pytest.param("tool-calling", "qwen-tools", [
+        "--model", "Qwen/Qwen2.5-7B-Instruct", "--served-model-name", "Qwen/Qwen2.5-7B-Instruct",
+        "--port", "8000", "--gpu-memory-utilization", "0.9",
+        "--enable-auto-tool-choice", "--tool-call-parser", "hermes"], id="tool-calling-alone"),
 ])
 def test_vllm_arguments_come_from_the_model_values(rendered: dict[str, Objects], case_id: str, model: str,
                                                    args: list[str]) -> None:
@@ -112,6 +128,31 @@ def test_vllm_arguments_come_from_the_model_values(rendered: dict[str, Objects],
     for flag in ("--hf-overrides", "--rope-scaling"):
         if flag in args:
             json.loads(args[args.index(flag) + 1])  # vLLM parses it as JSON
+
+
+def test_chat_template_content_reaches_vllm_through_a_config_map(rendered: dict[str, Objects]) -> None:
+    """The template is mounted byte for byte at the path vLLM gets, and a new one restarts the pods
+    (vLLM reads it at start); a path, or no template, mounts nothing."""
+    objects = rendered["tool-calling"]
+    values = {m["name"]: m for m in CASES["tool-calling"].value_documents()[0]["models"]}
+    sts = models_of(objects)["llama-tools"]
+    vllm = container(sts, "vllm")
+    path = vllm["args"][vllm["args"].index("--chat-template") + 1]
+    [mount] = [m for m in vllm["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+    [volume] = [v for v in pod_template(sts)["spec"]["volumes"] if v["name"] == mount["name"]]
+    config_map = one(objects, "ConfigMap", volume["configMap"]["name"])
+    template = values["llama-tools"]["chatTemplate"]
+    assert config_map["data"][path.removeprefix(mount["mountPath"] + "/")] == template
+    assert "\t" in template and "{{ message['role'] }}" in template
+    assert mount["readOnly"] is True
+    assert pod_template(sts)["metadata"]["annotations"]["checksum/chat-template"] == \
+        hashlib.sha256(template.encode()).hexdigest()
+    for model in ("mistral-tools", "qwen-tools"):
+        other = models_of(objects)[model]
+        assert "chat-template" not in {v["name"] for v in pod_template(other)["spec"]["volumes"]}
+        assert "annotations" not in pod_template(other)["metadata"]
+    assert [c["metadata"]["name"] for c in find(objects, "ConfigMap") if "chat-template" in c["metadata"]["name"]] == \
+        [volume["configMap"]["name"]]
 
 
 @pytest.mark.parametrize(("case_id", "model", "replicas", "gpus", "cache_size", "storage_class"), [
