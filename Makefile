@@ -3,7 +3,13 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test unit bench bench-short clean
+# The load test's own environment: locust is a bench-only dependency, kept out of the services'.
+LOCUST_VENV ?= .venv-locust
+USERS ?= 24
+SECONDS ?= 30
+HOST ?= http://localhost:8080
+
+.PHONY: run test unit bench bench-short locust clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,5 +38,17 @@ bench: $(VENV)/.installed
 bench-short: $(VENV)/.installed
 	$(PY) bench/run.py --short
 
+$(LOCUST_VENV)/.installed: bench/requirements-locust.txt
+	$(PYTHON) -m venv $(LOCUST_VENV)
+	$(LOCUST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCUST_VENV)/bin/python -m pip install --quiet -r bench/requirements-locust.txt
+	touch $@
+
+# bench/locustfile.py against the dispatcher of `make run` (in another terminal), USERS users for
+# SECONDS seconds, headless; prints the final stats and who was shed. HOST for another dispatcher.
+locust: $(LOCUST_VENV)/.installed
+	$(LOCUST_VENV)/bin/locust -f bench/locustfile.py --host $(HOST) --headless --only-summary \
+		--users $(USERS) --spawn-rate $(USERS) --run-time $(SECONDS)s --stop-timeout 30
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LOCUST_VENV) .pytest_cache

@@ -13,8 +13,12 @@ vLLM's /health and /metrics): it is healthy, below MAX_PARALLEL_REQUESTS, vLLM h
 (`vllm:num_requests_waiting`), and the speed each running request gets, the rate of
 `vllm:generation_tokens_total` over the last second (or refresh) divided by the requests running
 now, is at least MIN_TOKENS_PER_SECOND_PER_USER. Requests granted since the last reading count as
-running, and at most max(GRANTS_PER_READING_MIN, load) are granted per reading, so a stale good
-reading cannot flood a server. A server with nothing running always qualifies.
+running, and at most max(BURST_GRANTS, load) are granted per reading, so a stale good reading cannot
+flood a server. Below BURST_GRANTS running the speed rule waits for figures that say something: a
+GPU decodes a handful of sequences at almost the speed of one, so a burst on an idle or lightly
+loaded server is granted at once, unless the last reading taken over a window in which requests ran
+all along found n of them below the floor (then the burst stops below n). A server with nothing
+running always qualifies.
 
 Invariants:
 - No priority inversion. The model queue is consumed only while some server can take a request,
@@ -89,7 +93,7 @@ DEFAULT_MIN_TOKENS_PER_SECOND_PER_USER = 10.0  # a little faster than anyone rea
 # this many classes (1st; 2nd-3rd; 4th-7th; 8th and more). 1 turns fair share off (FIFO per priority).
 DEFAULT_FAIR_SHARE_LEVELS = 4
 DEFAULT_LEASE_TIMEOUT_S = 3600.0    # bookkeeping only: vLLM's counts free lost slots, in seconds
-GRANTS_PER_READING_MIN = 4          # with the speed rule, new grants per reading: max(this, load at the reading)
+DEFAULT_BURST_GRANTS = 4            # granted at once below this load; new grants per reading: max(this, load then)
 PREFETCH_ROOMY = 8                  # grant requests in flight to us at once while there is room for many more:
 PREFETCH_ROOMY_FROM = 4 * PREFETCH_ROOMY   # taken up when this many grants would fit,
 PREFETCH_ROOMY_UNTIL = 2 * PREFETCH_ROOMY  # and back to 1 below this (a switch costs three broker round trips)
@@ -133,6 +137,7 @@ class Config:
     model: str
     servers: tuple[ServerSpec, ...]
     min_tokens_per_second_per_user: float
+    burst_grants: int
     metrics_refresh_s: float
     rpc_queue_expiration_ms: int
     probe_port: int
@@ -172,6 +177,7 @@ class Config:
             servers=read_servers(env, max_parallel),
             min_tokens_per_second_per_user=env_float(env, "MIN_TOKENS_PER_SECOND_PER_USER",
                                                      DEFAULT_MIN_TOKENS_PER_SECOND_PER_USER, minimum=0),
+            burst_grants=env_int(env, "BURST_GRANTS", DEFAULT_BURST_GRANTS, minimum=1),
             metrics_refresh_s=env_float(env, "METRICS_REFRESH_SECONDS", 1.0, minimum=0.01),
             rpc_queue_expiration_ms=env_int(env, "RPC_QUEUE_EXPIRATION", 30_000, minimum=1000),
             probe_port=env_int(env, "PROBE_PORT", 8081, minimum=0, maximum=65535),
@@ -276,6 +282,7 @@ class Server:
     api_key: str | None
     max_parallel: int
     counters: deque[tuple[float, float, float]]  # (read at, generation total, prompt total), the rate window
+    burst: int = DEFAULT_BURST_GRANTS
     healthy: bool = False
     health_changed_at: float = 0.0
     leases: dict[str, float] = field(default_factory=dict)  # lease id -> granted at (monotonic), oldest first
@@ -285,6 +292,8 @@ class Server:
     load_at_reading: int = 0
     counters_moved_at: float = 0.0
     missing: int = 0                  # settled leases vLLM did not have at the last reading
+    busy_since: float | None = None   # the first of the readings in a row that showed requests running
+    measured: tuple[float, float] | None = None  # (running, speed each) at the last reading `measured_speed` had
 
     @property
     def in_flight(self) -> int:
@@ -316,6 +325,21 @@ class Server:
             return None
         return rate / self.sample.running
 
+    def measured_speed(self) -> float | None:
+        """`speed_per_request`, when requests ran from the start of the rate window to its end; None when
+        the window says nothing about their speed (idle, or they started within it: the rate then
+        takes in their prefill and a part of the window in which nothing ran)."""
+        if self.busy_since is None or not self.counters or self.counters[0][0] < self.busy_since:
+            return None
+        return self.speed_per_request()
+
+    def burst_size(self, min_speed: float) -> int:
+        """Below this load the speed rule waits for figures: `burst`, or fewer than the requests the
+        last measured reading found below the floor (kept while idle: the server is not faster then)."""
+        if self.measured is not None and self.measured[1] < min_speed:
+            return min(self.burst, round(self.measured[0]) - 1)
+        return self.burst
+
     def room(self, min_speed: float) -> int:
         """How many requests this server may take one after another before its next reading: the
         number of grants `blocked_reason` would allow in a row (0 when it says no now)."""
@@ -324,16 +348,30 @@ class Server:
         room = self.max_parallel - self.load
         if min_speed <= 0:
             return room
-        room = min(room, max(GRANTS_PER_READING_MIN, self.load_at_reading) - self.pending())
+        room = min(room, max(self.burst, self.load_at_reading) - self.pending())
         sample = self.sample
         assert sample is not None  # not blocked, so it has a reading
         if sample.generation_tokens_total == 0 and sample.prompt_tokens_total > 0:
             return room  # a pooling model: the speed rule does not apply
+        # Grant k (from 0) is allowed while the load it finds is 0 or `is_fast_enough`; each of these
+        # holds for the first so many k, so the grants in a row are the longest of those runs.
+        allowed = 1 if self.load == 0 else 0
         rate = self.generation_rate()
-        if rate is None:
-            return min(room, 1)  # nothing runs yet: the first one may go, the next needs a rate
-        # Grant k (from 0) is allowed while the load it finds is 0 or rate / load >= min_speed.
-        return min(room, max(0, math.floor(rate / min_speed) - self.load + 1))
+        if rate is not None:
+            allowed = max(allowed, math.floor(rate / min_speed) - self.load + 1)
+        allowed = max(allowed, self.burst_size(min_speed) - self.load)
+        return min(room, max(0, allowed))
+
+    def is_fast_enough(self, min_speed: float) -> bool:
+        """The speed rule for one more request on top of the load (> 0)."""
+        rate = self.generation_rate()
+        # The rate divided among the requests running now, those granted since the reading included:
+        # as if the total rate did not grow with them, which errs on the slow side...
+        if rate is not None and rate / self.load >= min_speed:
+            return True
+        # ...except below the burst size: a handful of sequences decode at almost the speed of one, so
+        # only a speed measured while requests ran through a whole window can say no.
+        return self.load < self.burst_size(min_speed)
 
     def blocked_reason(self, min_speed: float) -> str | None:
         """Why this server may not take a request now; None when it may. The whole rule, in order."""
@@ -346,19 +384,14 @@ class Server:
             return "vllm_waiting"  # vLLM queues already: another request would only wait there, unordered
         if min_speed <= 0:
             return None
-        # A stale good reading must not let a burst through: the load at most doubles per reading.
-        if self.pending() >= max(GRANTS_PER_READING_MIN, self.load_at_reading):
+        # A stale good reading must not let a flood through: the load at most doubles per reading.
+        if self.pending() >= max(self.burst, self.load_at_reading):
             return "burst"
         # Nothing running always qualifies; so does a server that has read prompts but never generated
         # a token (a pooling model: embeddings, scores), to which the speed rule cannot apply.
         if self.load == 0 or (sample.generation_tokens_total == 0 and sample.prompt_tokens_total > 0):
             return None
-        rate = self.generation_rate()
-        # The rate divided among the requests running now, those granted since the reading included:
-        # as if the total rate did not grow with them, which errs on the slow side.
-        if rate is None or rate / self.load < min_speed:
-            return "speed"
-        return None
+        return None if self.is_fast_enough(min_speed) else "speed"
 
 
 class Capacity:
@@ -366,9 +399,9 @@ class Capacity:
 
     def __init__(self, servers: Iterable[ServerSpec], lease_timeout_s: float, lease_prefix: str = "", *,
                  min_speed: float = 0.0, lease_grace_s: float = LEASE_GRACE_MIN_S,
-                 rate_window_readings: int = 2) -> None:
-        self.servers = [Server(spec.url, spec.api_key, spec.max_parallel, deque(maxlen=max(2, rate_window_readings)))
-                        for spec in servers]
+                 rate_window_readings: int = 2, burst: int = DEFAULT_BURST_GRANTS) -> None:
+        self.servers = [Server(spec.url, spec.api_key, spec.max_parallel, deque(maxlen=max(2, rate_window_readings)),
+                               burst) for spec in servers]
         self.min_speed = min_speed
         self._by_url = {server.url: server for server in self.servers}
         self._lease_server: dict[str, Server] = {}
@@ -437,6 +470,8 @@ class Capacity:
             server.sample = None
             server.counters.clear()
             server.missing = 0
+            server.busy_since = None
+            server.measured = None
         if server.healthy == ok:
             return False
         server.healthy = ok
@@ -460,6 +495,7 @@ class Capacity:
         reset = last is not None and (sample.generation_tokens_total < last[1] or sample.prompt_tokens_total < last[2])
         if reset:
             counters.clear()
+            server.measured = None  # vLLM restarted, perhaps with other settings
         if last is None or reset or (sample.generation_tokens_total, sample.prompt_tokens_total) != last[1:]:
             server.counters_moved_at = read_at
         counters.append((read_at, sample.generation_tokens_total, sample.prompt_tokens_total))
@@ -468,6 +504,10 @@ class Capacity:
         stale = sample.running + sample.waiting > 0 and read_at - server.counters_moved_at >= STALE_GAUGES_S
         if stale:
             sample = MetricsSample(0.0, 0.0, sample.generation_tokens_total, sample.prompt_tokens_total)
+        if sample.running <= 0:
+            server.busy_since = None
+        elif server.busy_since is None:
+            server.busy_since = read_at
         in_vllm = round(sample.running + sample.waiting)
         settled = [lease for lease, granted_at in server.leases.items() if granted_at < read_at - self._lease_grace_s]
         missing = max(0, len(settled) - in_vllm)
@@ -479,6 +519,9 @@ class Capacity:
         server.sample = sample
         server.sampled_at = read_at
         server.load_at_reading = server.load
+        speed = server.measured_speed()
+        if speed is not None:
+            server.measured = (sample.running, speed)
         return SampleOutcome(freed, reset, stale)
 
 
@@ -1095,7 +1138,7 @@ async def run(config: Config) -> None:
     registry = prom.CollectorRegistry()
     capacity = Capacity(
         config.servers, config.lease_timeout_s, lease_prefix=f"{consumer_id}.",
-        min_speed=config.min_tokens_per_second_per_user,
+        min_speed=config.min_tokens_per_second_per_user, burst=config.burst_grants,
         lease_grace_s=max(LEASE_GRACE_MIN_S, LEASE_GRACE_REFRESHES * config.metrics_refresh_s),
         rate_window_readings=1 + math.ceil(RATE_WINDOW_S / config.metrics_refresh_s - 1e-9))
     metrics = Metrics.create(registry, capacity)

@@ -14,6 +14,9 @@ The client-visible facts it copies are in /work/shared/reference/vllm-rabbitmq-h
 - Generated text is "tok0 tok1 ...", one word per token; a prompt costs one token per word.
 - A client that closes its connection while its request waits or generates aborts it, as in
   vLLM (A.6): the socket is read during every wait, and the request is counted in `disconnects`.
+- Tool calling is off unless started with `--enable-auto-tool-choice --tool-call-parser NAME`, as in
+  vLLM: until then a chat request whose `tools` ask for a tool choice is refused with vLLM's 400.
+  With them it is answered like any other (the fake model never calls a tool).
 
 Test-only routes, outside vLLM's surface: GET /_fake/stats, GET /_fake/requests, POST /_fake/control
 (speed, health, `drop_metrics` for a /metrics that fails...), POST /_fake/reset, POST /_fake/restart
@@ -99,6 +102,8 @@ class FakeVLLMOptions:
     fail_after_tokens: int = 0      # > 0: a stream breaks (connection reset) after this many tokens
     drop_requests: bool = False     # True: API requests get their connection closed, no answer at all
     drop_metrics: bool = False      # True: /metrics gets its connection closed, as when it is unreachable
+    enable_auto_tool_choice: bool = False   # vLLM's flags of the same names: tool calling needs both
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.served_model_name, str):
@@ -113,6 +118,8 @@ class FakeVLLMOptions:
             raise ValueError("slowdown must be between 0 and 1")
         if self.max_num_seqs < 0 or self.max_model_len < 1 or self.default_max_tokens < 1:
             raise ValueError("max_num_seqs must be >= 0, max_model_len and default_max_tokens >= 1")
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("--enable-auto-tool-choice requires --tool-call-parser")  # vLLM's start-up error
 
     @property
     def served_names(self) -> tuple[str, ...]:
@@ -835,8 +842,28 @@ class FakeVLLM:
             raise invalid_request("missing" if messages is None else "list_type", "body.messages",
                                   "Field required" if messages is None else "Input should be a valid list",
                                   body if messages is None else messages)
+        self.check_tool_choice(body)
         job = self.plan_generation(request, body, True, count_chat_words(messages))
         await self.run_generation(conn, job)
+
+    def check_tool_choice(self, body: dict[str, Any]) -> None:
+        """vLLM refuses a tool choice it has no tool parser for (vllm/renderers/online_renderer.py,
+        `render_chat`; the parser exists only with both flags: vllm/parser/parser_manager.py), after
+        its model check. `tools` without `tool_choice` mean "auto" (ChatCompletionRequest.check_tool_usage),
+        which is what Open WebUI sends."""
+        choice = body.get("tool_choice", "auto" if body.get("tools") else None)
+        if self.options.enable_auto_tool_choice and self.options.tool_call_parser:
+            return
+        if choice == "auto":
+            message = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
+        elif choice == "required":
+            message = 'tool_choice="required" requires --tool-call-parser to be set'
+        elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+            message = f'tool_choice=function "{choice["function"].get("name")}" requires --tool-call-parser to be set'
+        else:
+            return  # "none", or no tools
+        self.check_model(body)
+        raise bad_request(message)
 
     async def create_completion(self, conn: Connection, request: RecordedRequest) -> None:
         body = self.read_json(request)
@@ -1079,6 +1106,9 @@ def parse_args(argv: list[str], env: dict[str, str]) -> FakeVLLMOptions:
     parser.add_argument("--kind", choices=("generate", "embed"), default="generate")
     parser.add_argument("--keep-alive-s", type=float, default=5.0, help="idle keep-alive connections close after")
     parser.add_argument("--default-max-tokens", type=int, default=16)
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help="with --tool-call-parser: accept tools with tool_choice auto (vLLM's flag)")
+    parser.add_argument("--tool-call-parser", default=None, help="vLLM's parser name, e.g. hermes")
     args = parser.parse_args(argv)
     try:
         return FakeVLLMOptions(
@@ -1086,7 +1116,8 @@ def parse_args(argv: list[str], env: dict[str, str]) -> FakeVLLMOptions:
             api_key=args.api_key if args.api_key is not None else env.get("VLLM_API_KEY") or None,
             ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms, max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs, slowdown=args.slowdown, kind=args.kind,
-            keep_alive_s=args.keep_alive_s, default_max_tokens=args.default_max_tokens)
+            keep_alive_s=args.keep_alive_s, default_max_tokens=args.default_max_tokens,
+            enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser)
     except ValueError as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits

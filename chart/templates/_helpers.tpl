@@ -261,5 +261,8 @@ says what to change, instead of deploying something broken. */}}
 {{- fail (printf "models[%d] (%s): ropeScaling.enabled needs jsonConfiguration or theta" $index $m.name) }}
 {{- end }}
 {{- end }}
+{{- if and $m.chatTemplate $m.chatTemplatePath }}
+{{- fail (printf "models[%d] (%s): set chatTemplate (the template itself) or chatTemplatePath (a file in the vLLM container), not both" $index $m.name) }}
+{{- end }}
 {{- end }}
 {{- end }}

@@ -61,6 +61,7 @@ CASES: dict[str, Case] = {case.id: case for case in (
     Case("external-inline-credentials", ("external-inline-credentials.yaml",)),
     Case("monitoring", ("monitoring.yaml",)),
     Case("gpus-from-inferenceserver", sets=("inferenceserver.resources.limits.nvidia\\.com/gpu=4",)),
+    Case("tool-calling", ("tool-calling.yaml",)),
 )}
 
 

@@ -52,6 +52,17 @@ def test_helm_lint_passes(helm: str, case: Case) -> None:
                  "additional properties 'gpuMemoryUtilization' not allowed", id="model-key-misspelt"),
     pytest.param(Case("not-kebab", sets=("models[0].name=Llama_3", "models[0].model=x/y")),
                  "/models/0/name", id="model-name-not-kebab-case"),
+    pytest.param(Case("two-templates", sets=("models[0].name=a", "models[0].model=x/y",
+                                             "models[0].chatTemplate=template",
+                                             "models[0].chatTemplatePath=/t.jinja")),
+                 "set chatTemplate (the template itself) or chatTemplatePath (a file in the vLLM container), not both",
+                 id="chat-template-twice"),
+    pytest.param(Case("parser-with-flag", sets=("models[0].name=a", "models[0].model=x/y",
+                                                "models[0].toolCallParser=hermes --trust-remote-code")),
+                 "/models/0/toolCallParser", id="tool-call-parser-not-a-name"),
+    pytest.param(Case("relative-template", sets=("models[0].name=a", "models[0].model=x/y",
+                                                 "models[0].chatTemplatePath=t.jinja")),
+                 "/models/0/chatTemplatePath", id="chat-template-path-not-absolute"),
 ])
 def test_unsupported_configurations_fail_at_render_time(helm: str, case: Case, message: str) -> None:
     result = template(helm, case)

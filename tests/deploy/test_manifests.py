@@ -4,6 +4,7 @@ contexts, the migration hook, the ingress, and the wiring between objects."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -43,8 +44,9 @@ POSTGRES_IMAGE = "postgres"
 BOTH_ENV = {"RABBITMQ_HOST", "RABBITMQ_PORT", "RABBITMQ_USER", "RABBITMQ_PASSWORD", "LOG_LEVEL",
             "RPC_RECONNECT_ATTEMPTS", "MAX_PRIORITY"}
 CONSUMER_ENV = BOTH_ENV | {"MODEL", "VLLM_URL", "VLLM_API_KEY", "MAX_PARALLEL_REQUESTS",
-                           "MIN_TOKENS_PER_SECOND_PER_USER", "METRICS_REFRESH_SECONDS", "RPC_QUEUE_EXPIRATION",
-                           "PROBE_PORT", "MAX_VLLM_CONNECTION_ATTEMPTS", "FORWARD_PRIORITY", "LEASE_TIMEOUT_SECONDS"}
+                           "MIN_TOKENS_PER_SECOND_PER_USER", "BURST_GRANTS", "METRICS_REFRESH_SECONDS",
+                           "RPC_QUEUE_EXPIRATION", "PROBE_PORT", "MAX_VLLM_CONNECTION_ATTEMPTS", "FORWARD_PRIORITY",
+                           "LEASE_TIMEOUT_SECONDS"}
 SENDER_ENV = BOTH_ENV | {"SENDER_HOST", "SENDER_PORT", "METRICS_PORT", "DATABASE_URL", "TOKEN_CACHE_SECONDS",
                          "GRANT_TIMEOUT", "UPSTREAM_TIMEOUT", "MAX_BODY_BYTES"}
 # Variables that only exist for Kubernetes' $(VAR) expansion, not read by the services.
@@ -103,6 +105,21 @@ def consumer_containers(objects: Objects) -> list[dict[str, Any]]:
         "--tensor-parallel-size", "2",
         "--rope-scaling", '{"rope_type":"yarn","factor":4.0,"original_max_position_embeddings":32768}'],
         id="rope-flags-without-theta"),
+    pytest.param("tool-calling", "llama-tools", [
+        "--model", "meta-llama/Llama-3.1-8B-Instruct", "--served-model-name", "llama-3.1-8b",
+        "--port", "8000", "--gpu-memory-utilization", "0.9",
+        "--enable-auto-tool-choice", "--tool-call-parser", "llama3_json",
+        "--chat-template", "/etc/vllm/chat-template/chat-template.jinja", "--max-model-len", "32768"],
+        id="tool-calling-and-chat-template-before-extra-args"),
+    pytest.param("tool-calling", "mistral-tools", [
+        "--model", "mistralai/Mistral-7B-Instruct-v0.3", "--served-model-name", "mistralai/Mistral-7B-Instruct-v0.3",
+        "--port", "8000", "--gpu-memory-utilization", "0.9",
+        "--enable-auto-tool-choice", "--tool-call-parser", "mistral",
+        "--chat-template", "/templates/tool_chat_template_mistral.jinja"], id="tool-calling-and-chat-template-path"),
+    pytest.param("tool-calling", "qwen-tools", [
+        "--model", "Qwen/Qwen2.5-7B-Instruct", "--served-model-name", "Qwen/Qwen2.5-7B-Instruct",
+        "--port", "8000", "--gpu-memory-utilization", "0.9",
+        "--enable-auto-tool-choice", "--tool-call-parser", "hermes"], id="tool-calling-alone"),
 ])
 def test_vllm_arguments_come_from_the_model_values(rendered: dict[str, Objects], case_id: str, model: str,
                                                    args: list[str]) -> None:
@@ -111,6 +128,31 @@ def test_vllm_arguments_come_from_the_model_values(rendered: dict[str, Objects],
     for flag in ("--hf-overrides", "--rope-scaling"):
         if flag in args:
             json.loads(args[args.index(flag) + 1])  # vLLM parses it as JSON
+
+
+def test_chat_template_content_reaches_vllm_through_a_config_map(rendered: dict[str, Objects]) -> None:
+    """The template is mounted byte for byte at the path vLLM gets, and a new one restarts the pods
+    (vLLM reads it at start); a path, or no template, mounts nothing."""
+    objects = rendered["tool-calling"]
+    values = {m["name"]: m for m in CASES["tool-calling"].value_documents()[0]["models"]}
+    sts = models_of(objects)["llama-tools"]
+    vllm = container(sts, "vllm")
+    path = vllm["args"][vllm["args"].index("--chat-template") + 1]
+    [mount] = [m for m in vllm["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+    [volume] = [v for v in pod_template(sts)["spec"]["volumes"] if v["name"] == mount["name"]]
+    config_map = one(objects, "ConfigMap", volume["configMap"]["name"])
+    template = values["llama-tools"]["chatTemplate"]
+    assert config_map["data"][path.removeprefix(mount["mountPath"] + "/")] == template
+    assert "\t" in template and "{{ message['role'] }}" in template
+    assert mount["readOnly"] is True
+    assert pod_template(sts)["metadata"]["annotations"]["checksum/chat-template"] == \
+        hashlib.sha256(template.encode()).hexdigest()
+    for model in ("mistral-tools", "qwen-tools"):
+        other = models_of(objects)[model]
+        assert "chat-template" not in {v["name"] for v in pod_template(other)["spec"]["volumes"]}
+        assert "annotations" not in pod_template(other)["metadata"]
+    assert [c["metadata"]["name"] for c in find(objects, "ConfigMap") if "chat-template" in c["metadata"]["name"]] == \
+        [volume["configMap"]["name"]]
 
 
 @pytest.mark.parametrize(("case_id", "model", "replicas", "gpus", "cache_size", "storage_class"), [
@@ -203,18 +245,19 @@ def test_consumer_configuration_parses_and_points_at_its_own_vllm(rendered: dict
         assert config.rabbitmq_url.startswith("amqp://")
 
 
-@pytest.mark.parametrize(("case_id", "model", "parallel", "min_speed", "forward"), [
-    pytest.param("default", "qwen2-5-7b-instruct", 64, 10.0, False, id="chart-defaults"),
-    pytest.param("two-models", "llama-3-1-8b", 32, 10.0, True, id="model-overrides-parallel-and-priority"),
-    pytest.param("two-models", "qwen-72b-awq", 64, 12.5, False, id="model-overrides-speed-floor"),
+@pytest.mark.parametrize(("case_id", "model", "parallel", "min_speed", "burst", "forward"), [
+    pytest.param("default", "qwen2-5-7b-instruct", 64, 10.0, 4, False, id="chart-defaults"),
+    pytest.param("two-models", "llama-3-1-8b", 32, 10.0, 4, True, id="model-overrides-parallel-and-priority"),
+    pytest.param("two-models", "qwen-72b-awq", 64, 12.5, 2, False, id="model-overrides-speed-floor-and-burst"),
 ])
 def test_consumer_capacity_settings(rendered: dict[str, Objects], case_id: str, model: str, parallel: int,
-                                    min_speed: float, forward: bool) -> None:
+                                    min_speed: float, burst: int, forward: bool) -> None:
     objects = rendered[case_id]
     env = resolve_env(container(models_of(objects)[model], "consumer"), secret_values(objects))
     config = consumer.Config.from_env(env)
     assert config.servers[0].max_parallel == parallel
     assert config.min_tokens_per_second_per_user == min_speed
+    assert config.burst_grants == burst
     assert config.forward_priority is forward
     assert config.max_vllm_connection_attempts >= 3600, "the consumer must outwait a model download"
 

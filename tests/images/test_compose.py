@@ -3,6 +3,7 @@ variables the sender and consumer get, which must be the ones DESIGN.md defines.
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -12,6 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from tests.fake_vllm import parse_args
 from tests.images.dockerfile import parse_dockerfile, parse_expose
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +24,7 @@ BOTH_VARIABLES = {"RABBITMQ_URL", "RABBITMQ_HOST", "RABBITMQ_PORT", "RABBITMQ_US
 SENDER_VARIABLES = BOTH_VARIABLES | {"SENDER_HOST", "SENDER_PORT", "METRICS_PORT", "DATABASE_URL", "TOKENS_FILE",
                                      "TOKEN_CACHE_SECONDS", "GRANT_TIMEOUT", "UPSTREAM_TIMEOUT", "MAX_BODY_BYTES"}
 CONSUMER_VARIABLES = BOTH_VARIABLES | {"MODEL", "VLLM_URL", "VLLM_API_KEY", "VLLM_SERVERS", "MAX_PARALLEL_REQUESTS",
-                                       "MIN_TOKENS_PER_SECOND_PER_USER", "METRICS_REFRESH_SECONDS",
+                                       "MIN_TOKENS_PER_SECOND_PER_USER", "BURST_GRANTS", "METRICS_REFRESH_SECONDS",
                                        "RPC_QUEUE_EXPIRATION", "PROBE_PORT", "MAX_VLLM_CONNECTION_ATTEMPTS",
                                        "FORWARD_PRIORITY"}
 ADMIN_VARIABLES = {"DATABASE_URL", "MAX_PRIORITY"}
@@ -55,7 +57,10 @@ def command_text(service: dict[str, Any]) -> str:
 
 
 def test_services(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == {"rabbitmq", "postgres", "migrate", "fake-vllm", "consumer", "sender"}
+    assert set(compose["services"]) == {"rabbitmq", "postgres", "migrate", "fake-vllm", "consumer", "sender",
+                                        "open-webui"}
+    started_by_default = {name for name, service in compose["services"].items() if not service.get("profiles")}
+    assert started_by_default == set(compose["services"]) - {"open-webui"}
 
 
 def test_brokers_have_healthchecks(compose: dict[str, Any]) -> None:
@@ -106,8 +111,10 @@ def test_fake_vllm_runs_the_test_stand_in(compose: dict[str, Any]) -> None:
     assert "./tests/fake_vllm.py:/srv/fake_vllm.py:ro" in fake["volumes"]
     words = shlex.split(command_text(fake).replace("&&", " && "))
     assert words[words.index("fake_vllm.py") - 1] == "python"
-    flags = dict(zip(words[words.index("fake_vllm.py") + 1::2], words[words.index("fake_vllm.py") + 2::2]))
-    assert flags["--host"] == "0.0.0.0" and flags["--port"] == "8000" and flags["--model"] == "fake-model"
+    options = parse_args(words[words.index("fake_vllm.py") + 1:], {})
+    assert (options.host, options.port, options.model) == ("0.0.0.0", 8000, "fake-model")
+    # Open WebUI attaches tools to every chat: without tool calling, vLLM (and the fake) refuse them.
+    assert options.enable_auto_tool_choice and options.tool_call_parser
     # Its dependencies, pinned as in requirements.txt.
     pins = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines()
                 if "==" in line and not line.startswith("#"))
@@ -154,3 +161,47 @@ def test_a_real_vllm_is_shown_commented(compose: dict[str, Any]) -> None:
     commented = "\n".join(line.strip()[1:] for line in text.splitlines() if line.strip().startswith("#"))
     assert "image: vllm/vllm-openai:" in commented
     assert "driver: nvidia" in commented and "capabilities: [gpu]" in commented
+
+
+# ---------------------------------------------------------------------------------------------
+# Open WebUI (the optional `webui` profile)
+
+def test_open_webui_is_optional_and_pinned(compose: dict[str, Any]) -> None:
+    webui = compose["services"]["open-webui"]
+    assert webui["profiles"] == ["webui"]
+    image, _, tag = webui["image"].rpartition(":")
+    assert image == "ghcr.io/open-webui/open-webui" and re.fullmatch(r"v\d+\.\d+\.\d+", tag)
+    assert any(port.endswith(":8080") for port in webui["ports"])   # Open WebUI listens on 8080 in its image
+    assert depends(webui) == {"sender": "service_healthy"}
+
+
+def test_open_webui_talks_to_the_sender_with_tokens_it_knows(compose: dict[str, Any]) -> None:
+    """Every connection is the sender's /v1 with a token of tokens.example.yaml (which `migrate`
+    loads); Ollama is off, so Open WebUI looks for models nowhere else."""
+    services = compose["services"]
+    env = env_of(services["open-webui"])
+    urls, keys = env["OPENAI_API_BASE_URLS"].split(";"), env["OPENAI_API_KEYS"].split(";")
+    assert len(urls) == len(keys) >= 1
+    assert set(urls) == {f"http://sender:{env_of(services['sender'])['SENDER_PORT']}/v1"}
+    assert set(keys) <= set(example_tokens())
+    assert env["ENABLE_OLLAMA_API"] == "False"
+
+
+def test_open_webui_background_tasks_use_a_lower_priority_token(compose: dict[str, Any]) -> None:
+    """Chats go through the first connection; titles, tags and follow-ups through the task model,
+    a model of a connection whose token has a lower priority and a lower threshold."""
+    services = compose["services"]
+    env = env_of(services["open-webui"])
+    keys = env["OPENAI_API_KEYS"].split(";")
+    configs = json.loads(env["OPENAI_API_CONFIGS"])
+    prefix, _, model = env["TASK_MODEL_EXTERNAL"].partition(".")
+    [task_index] = [int(index) for index, config in configs.items() if config.get("prefix_id") == prefix]
+    assert model == env_of(services["consumer"])["MODEL"]
+    tokens = example_tokens()
+    chat, task = tokens[keys[0]], tokens[keys[task_index]]
+    assert task["priority"] < chat["priority"] and task["threshold"] < chat["threshold"]
+    assert not configs.get("0", {}).get("prefix_id"), "chats must see the model under its own name"
+
+
+def example_tokens() -> dict[str, dict[str, Any]]:
+    return {entry["token"]: entry for entry in yaml.safe_load((ROOT / "tokens.example.yaml").read_text())}

@@ -128,13 +128,37 @@ def test_speed_rule_keeps_each_user_near_the_floor_under_overload(stack: Stack, 
     assert peak[0] < peak[1]
 
 
+def test_idle_model_runs_a_burst_at_once_and_the_speed_rule_holds_beyond_it(stack: Stack, tokens: Tokens,
+                                                                          unique_model: str) -> None:
+    """Clients often send several requests at the same moment (Open WebUI: a chat and its title). On an
+    idle model, a burst of BURST_GRANTS (4) all run at once; the fifth and sixth wait in the queue for
+    the speed rule. Readings are 5 s apart, longer than the burst takes to answer, so nothing but the
+    burst rule can have let the four run together."""
+    fake, _, sender = stack.served_model(unique_model, tokens.high, FAST, {
+        "MIN_TOKENS_PER_SECOND_PER_USER": str(FLOOR), "MAX_PARALLEL_REQUESTS": "64", "BURST_GRANTS": "4",
+        "METRICS_REFRESH_SECONDS": "5"})
+
+    async def scenario() -> list[float]:
+        async with async_client(sender, tokens.high) as client:
+            streams = [asyncio.create_task(stream_speed(client, unique_model, f"burst-{index}", 50))
+                       for index in range(6)]
+            await poll(lambda: fake.stats()["running"] == 4 and queue_ready_count(unique_model) == 2,
+                       "four requests to run at once while two wait in the queue")
+            return await asyncio.gather(*streams)
+
+    speeds = asyncio.run(scenario())
+    print(f"speeds {sorted(round(speed, 1) for speed in speeds)} tok/s; peak running {fake.stats()['max_running']}")
+    assert len(speeds) == 6 and fake.stats()["max_running"] == 4
+
+
 def servers_env(*fakes: Fake) -> str:
     return json.dumps([{"url": fake.url} for fake in fakes])
 
 
 def test_faster_server_gets_more_grants(stack: Stack, tokens: Tokens, unique_model: str) -> None:
     """Two servers, the slow one listed first: at the floor it fits one request (25 tokens/s alone),
-    the fast one about seven. Both are used; the fast one gets most of the grants."""
+    the fast one about five. Both start idle and take a burst of 4 each (BURST_GRANTS); from then on
+    the speed rule sends most grants to the fast one, and the slow one never runs more than its burst."""
     slow = stack.fake_vllm(unique_model, "--tpot-ms", "40", "--slowdown", "0.5")
     fast = stack.fake_vllm(unique_model, *FAST)
     consumer = stack.consumer(unique_model, slow.url, VLLM_SERVERS=servers_env(slow, fast),
@@ -142,13 +166,13 @@ def test_faster_server_gets_more_grants(stack: Stack, tokens: Tokens, unique_mod
     sender = stack.sender()
     stack.served(sender, unique_model, tokens.high)
 
-    speeds = asyncio.run(overload(sender, tokens.high, unique_model, 16))
+    speeds = asyncio.run(overload(sender, tokens.high, unique_model, 32))
     counts = served_count(slow), served_count(fast)
     print(f"grants: slow {counts[0]}, fast {counts[1]}; peak running {slow.stats()['max_running']}, "
           f"{fast.stats()['max_running']}; median speed {statistics.median(speeds):.1f}")
-    assert sum(counts) == 16 and counts[0] >= 1
-    assert counts[1] >= 2 * counts[0]
-    assert slow.stats()["max_running"] <= 2
+    assert sum(counts) == 32 and counts[0] >= 1
+    assert counts[1] >= 2 * (counts[0] - 4), "beyond their first bursts, the fast one must get most grants"
+    assert slow.stats()["max_running"] <= 4
     assert consumer_metric(consumer, "dispatcher_consumer_grants_total", fast) == counts[1]
 
 

@@ -27,6 +27,11 @@ def test_run_command_serves_the_fake_model_with_the_example_tokens(tmp_path) -> 
         answer = client.chat.completions.create(model="run-command-model", max_tokens=3,
                                                 messages=[{"role": "user", "content": "Hello"}])
         assert answer.choices[0].message.content == "tok0 tok1 tok2"
+        # Open WebUI attaches tools to every chat: the fake runs as a vLLM with tool calling on.
+        tools = [{"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}]
+        answer = client.chat.completions.create(model="run-command-model", max_tokens=3, tools=tools,  # type: ignore[arg-type]
+                                                messages=[{"role": "user", "content": "Hello"}])
+        assert answer.choices[0].message.content == "tok0 tok1 tok2"
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0, (tmp_path / "run.log").read_text()

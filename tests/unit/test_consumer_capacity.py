@@ -17,10 +17,12 @@ GRACE_S = 1.0
 
 
 def make_capacity(*servers: tuple[str, int], healthy: bool = True, min_speed: float = 0.0,
-                  lease_timeout_s: float = LEASE_TIMEOUT_S, rate_window_readings: int = 2) -> Capacity:
+                  lease_timeout_s: float = LEASE_TIMEOUT_S, rate_window_readings: int = 2,
+                  burst: int = consumer.DEFAULT_BURST_GRANTS) -> Capacity:
     """Servers read once at t=0 with nothing running (healthy ones)."""
     capacity = Capacity([ServerSpec(url, None, cap) for url, cap in servers], lease_timeout_s,
-                        min_speed=min_speed, lease_grace_s=GRACE_S, rate_window_readings=rate_window_readings)
+                        min_speed=min_speed, lease_grace_s=GRACE_S, rate_window_readings=rate_window_readings,
+                        burst=burst)
     for url, _ in servers:
         capacity.set_health(url, healthy, 0.0)
         if healthy:
@@ -175,7 +177,7 @@ def test_release_on_unhealthy_server_frees_but_grants_nothing():
 
 # Readings one second apart; the rate is taken between the last two (rate_window_readings=2).
 # Each case: (running, waiting, generated[, prompt] tokens) at t=0 and t=1, our leases at t=1 (granted before
-# the reading), then grants after it; the expected reason once those grants are made.
+# the reading), then grants after it; the expected reason once those grants are made. The burst is 4.
 SPEED_RULE_CASES = pytest.mark.parametrize("min_speed, first, second, leases, new, expected", [
     (0, (0, 0, 0), (3, 0, 30), 3, 0, None),                # rule off: 1 token/s each is fine
     (10, (0, 0, 0), (0, 0, 0), 0, 0, None),                # nothing running always qualifies
@@ -189,16 +191,25 @@ SPEED_RULE_CASES = pytest.mark.parametrize("min_speed, first, second, leases, ne
     (10, (1, 0, 0), (1, 0, 1000), 1, 4, "burst"),          # fast, but 4 new since the reading
     (10, (8, 0, 0), (8, 0, 8000), 8, 7, None),             # the load may double per reading...
     (10, (8, 0, 0), (8, 0, 8000), 8, 8, "burst"),          # ...not more
-    (10, (0, 0, 50), (0, 0, 50), 0, 1, "speed"),           # the first one on an idle server: wait for its speed
+    (10, (0, 0, 50), (0, 0, 50), 0, 1, None),              # an idle server takes a burst before any speed is known...
+    (10, (0, 0, 50), (0, 0, 50), 0, 3, None),
+    (10, (0, 0, 50), (0, 0, 50), 0, 4, "burst"),           # ...of 4, then waits for a reading
+    (10, (0, 0, 0), (1, 0, 0), 1, 0, None),                # a fresh server: requests started within the window...
+    (10, (0, 0, 0), (2, 0, 4), 2, 1, None),                # ...say nothing about their speed yet
+    (10, (0, 0, 0), (2, 0, 4), 2, 2, "speed"),             # beyond the burst, the rate over the load decides
+    (10, (2, 0, 0), (2, 0, 10), 2, 0, "speed"),            # 5 each, measured over a whole window: too slow
+    (10, (1, 0, 0), (1, 0, 24), 1, 2, None),               # 24 alone: a handful run at about that speed each...
+    (10, (1, 0, 0), (1, 0, 24), 1, 3, "speed"),            # ...but beyond the burst, 24 / 4 < 10
     (10, (2, 0, 0, 9), (2, 0, 0, 90), 2, 0, None),         # prompts read, no token ever generated: pooling...
     (10, (2, 0, 0, 9), (2, 0, 0, 90), 2, 2, None),
     (10, (2, 0, 0, 9), (2, 0, 0, 90), 2, 4, "burst"),      # ...still bounded per reading
-    (10, (0, 0, 0), (1, 0, 0), 1, 0, "speed"),             # a fresh server: its speed is not known yet
     (10, (2, 0, 100), (3, 0, 100), 3, 0, "speed"),         # nothing generated in the window
     (0, (0, 0, 0), (5, 0, 0), 5, 0, "full"),               # cap 5
 ], ids=["off", "idle", "fast", "fast-with-new", "slow", "at-floor", "new-ones-count", "vllm-waiting",
-        "vllm-waiting-rule-off", "burst", "doubling", "more-than-double", "idle-then-one", "pooling",
-        "pooling-new", "pooling-burst", "fresh", "stalled", "full"])
+        "vllm-waiting-rule-off", "burst", "doubling", "more-than-double", "idle-then-one", "idle-then-three",
+        "idle-then-four", "fresh", "just-started", "just-started-beyond-burst", "slow-below-burst",
+        "fast-alone-takes-a-handful", "fast-alone-beyond-burst", "pooling", "pooling-new", "pooling-burst",
+        "stalled", "full"])
 
 
 def speed_rule_case(min_speed, first, second, leases, new, expected) -> Capacity:
@@ -230,6 +241,60 @@ def test_room_is_the_number_of_grants_the_rule_allows_in_a_row(min_speed, first,
         granted += 1
         assert capacity.room() == room - granted
     assert granted == room
+
+
+@pytest.mark.parametrize("burst", [1, 2, 4, 8])
+def test_idle_server_takes_a_burst_of_the_configured_size_before_its_next_reading(burst):
+    """BURST_GRANTS requests at once on an idle server, then nothing until vLLM's figures show their speed."""
+    capacity = make_capacity(("a", 64), min_speed=10, burst=burst)
+    server = capacity.servers[0]
+    assert capacity.room() == burst
+    fill(capacity, "a", burst, now=0.5)
+    assert blocked(capacity) == "burst"
+    read(capacity, "a", 1.0, running=burst, generated=20 * burst)  # 20 tok/s each, window started idle
+    assert server.measured_speed() is None
+    read(capacity, "a", 2.0, running=burst, generated=40 * burst)  # a whole window with all of them running
+    assert server.measured_speed() == pytest.approx(20.0)
+    # 20 * burst tok/s would keep 2 * burst at the floor of 10: as many again, the load at most doubling.
+    assert capacity.room() == burst
+
+
+def test_burst_waits_for_a_release_once_a_reading_shows_the_running_ones_too_slow():
+    """Below the burst size, a speed measured over a whole window under the floor still says no; the rate
+    shared by fewer requests after a release says yes again."""
+    capacity = make_capacity(("a", 64), min_speed=10)
+    first, *_ = fill(capacity, "a", 3, now=0.5)
+    read(capacity, "a", 1.0, running=3)
+    read(capacity, "a", 2.0, running=3, generated=18)      # 6 tok/s each
+    assert blocked(capacity) == "speed" and capacity.room() == 0
+    capacity.release(first)
+    assert blocked(capacity) == "speed"                   # 18 / 2 = 9 each
+    capacity.release(next(iter(capacity.servers[0].leases)))
+    assert blocked(capacity) is None and capacity.room() == 18 // 10   # 18 / 1, 18 / 2 would be under 10
+
+
+def test_burst_stays_below_the_load_a_reading_found_too_slow_until_one_finds_it_fast_enough():
+    """A server that showed 3 requests below the floor takes at most 2 at once when it is idle again;
+    a later reading of 3 at the floor gives it its whole burst back, and so does a restart of vLLM."""
+    capacity = make_capacity(("a", 64), min_speed=10)
+    server = capacity.servers[0]
+    leases = fill(capacity, "a", 3, now=0.5)
+    read(capacity, "a", 1.0, running=3, generated=10)
+    read(capacity, "a", 2.0, running=3, generated=28)      # 6 tok/s each over a whole window
+    assert server.burst_size(10) == 2
+    for lease in leases:
+        capacity.release(lease)
+    read(capacity, "a", 3.0, running=0, generated=40)
+    read(capacity, "a", 4.0, running=0, generated=40)
+    assert server.measured_speed() is None and capacity.room() == 2
+    capacity.min_speed = 0  # three granted anyway, as if the floor had been off
+    leases = fill(capacity, "a", 3, now=4.5)
+    capacity.min_speed = 10
+    read(capacity, "a", 5.0, running=3, generated=50)
+    read(capacity, "a", 6.0, running=3, generated=80)      # 10 tok/s each
+    assert server.burst_size(10) == 4 and capacity.room() == 1
+    read(capacity, "a", 7.0, running=3, generated=10)      # vLLM restarted: its counters went down
+    assert server.measured is None and server.burst_size(10) == 4
 
 
 def test_room_adds_up_over_servers_and_ignores_unhealthy_ones():
@@ -268,12 +333,12 @@ def test_counter_reset_starts_the_rate_afresh():
     """vLLM restarted: its counters start from zero; no negative rate, no rate until the next reading."""
     capacity = make_capacity(("a", 64), min_speed=10)
     server = capacity.servers[0]
-    read(capacity, "a", 1.0, running=2, generated=1000)
-    read(capacity, "a", 2.0, running=2, generated=1100)
-    outcome = read(capacity, "a", 3.0, running=1, generated=20)
+    read(capacity, "a", 1.0, running=4, generated=1000)
+    read(capacity, "a", 2.0, running=4, generated=1100)
+    outcome = read(capacity, "a", 3.0, running=4, generated=20)
     assert outcome.counters_reset
     assert server.generation_rate() is None and blocked(capacity) == "speed"
-    read(capacity, "a", 4.0, running=1, generated=70)
+    read(capacity, "a", 4.0, running=4, generated=70)
     assert server.generation_rate() == 50 and blocked(capacity) is None
 
 
@@ -501,8 +566,9 @@ def test_config_defaults():
     assert config.servers == (ServerSpec("http://localhost:8000", None, consumer.DEFAULT_MAX_PARALLEL_REQUESTS),)
     assert (config.min_tokens_per_second_per_user, config.metrics_refresh_s, config.rpc_queue_expiration_ms,
             config.probe_port, config.max_vllm_connection_attempts, config.forward_priority,
-            config.lease_timeout_s, config.rpc_reconnect_attempts, config.max_priority) == \
-        (10.0, 1.0, 30_000, 8081, 100, False, 3600.0, 10, 10)
+            config.lease_timeout_s, config.rpc_reconnect_attempts, config.max_priority, config.burst_grants) == \
+        (10.0, 1.0, 30_000, 8081, 100, False, 3600.0, 10, 10, 4)
+    assert Config.from_env({"MODEL": "m", "BURST_GRANTS": "1"}).burst_grants == 1
     assert config.rabbitmq_url == "amqp://guest:guest@localhost:5672/"
 
 
@@ -527,6 +593,8 @@ def test_config_server_list():
     ({"MAX_PARALLEL_REQUESTS": "0"}, "MAX_PARALLEL_REQUESTS"),
     ({"MAX_PARALLEL_REQUESTS": "many"}, "MAX_PARALLEL_REQUESTS"),
     ({"MIN_TOKENS_PER_SECOND_PER_USER": "-1"}, "MIN_TOKENS_PER_SECOND_PER_USER"),
+    ({"BURST_GRANTS": "0"}, "BURST_GRANTS"),
+    ({"BURST_GRANTS": "2.5"}, "BURST_GRANTS"),
     ({"METRICS_REFRESH_SECONDS": "0"}, "METRICS_REFRESH_SECONDS"),
     ({"RPC_QUEUE_EXPIRATION": "1.5"}, "RPC_QUEUE_EXPIRATION"),
     ({"RPC_QUEUE_EXPIRATION": "999"}, "RPC_QUEUE_EXPIRATION"),
