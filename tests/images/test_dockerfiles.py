@@ -62,7 +62,7 @@ class Spec:
 
 
 SPECS = {
-    "sender": Spec("Dockerfile.sender", frozenset({"sender.py", "admin.py", "common"}),
+    "sender": Spec("Dockerfile.sender", frozenset({"sender.py", "queue_state.py", "admin.py", "common"}),
                    frozenset({8080, 9090}), ("python", "sender.py")),
     "consumer": Spec("Dockerfile.consumer", frozenset({"consumer.py", "common"}),
                      frozenset({8081}), ("python", "consumer.py")),
