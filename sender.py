@@ -31,6 +31,7 @@ import hashlib
 import itertools
 import logging
 import os
+import random
 import signal
 import ssl
 import sys
@@ -78,6 +79,9 @@ SHUTDOWN_GRACE_S = 25.0
 HANGUP_WATCH_DELAY_S = 0.05         # a request still running after this gets a reader that notices a hang-up
 RECONNECT_DELAY_MIN_S = 0.5
 RECONNECT_DELAY_MAX_S = 10.0
+DB_CONNECT_DELAY_MIN_S = 0.25       # the token database's first connection: back-off while it is not there
+DB_CONNECT_DELAY_MAX_S = 5.0
+DB_CONNECT_TIMEOUT_S = 10.0
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 # Releases wait this long at most, to travel together: under load that is several per message, which
 # saves the broker and the consumer a delivery each (bench/RESULTS.md: +6-9 % req/s). A slot comes
@@ -123,8 +127,8 @@ class Config:
         tokens_file = env.get("TOKENS_FILE", "").strip() or None
         if database_url is None and tokens_file is None:
             raise ConfigError("set DATABASE_URL (postgresql://...) or TOKENS_FILE (a YAML or JSON token list)")
-        if database_url is not None and not database_url.startswith(("postgresql://", "postgres://")):
-            raise ConfigError("DATABASE_URL must start with postgresql://")
+        if database_url is not None:
+            check_database_url(database_url)
         return cls(
             host=env_str(env, "SENDER_HOST", "0.0.0.0"),
             port=env_int(env, "SENDER_PORT", 8080, minimum=0, maximum=65535),
@@ -140,6 +144,16 @@ class Config:
             rpc_reconnect_attempts=env_int(env, "RPC_RECONNECT_ATTEMPTS", 10, minimum=1),
             log_level=log_level(env),
         )
+
+
+def check_database_url(url: str) -> None:
+    """The scheme and the address must be right at start-up; the rest is the driver's to judge."""
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("DATABASE_URL must start with postgresql://")
+    try:
+        urllib.parse.urlsplit(url).port  # noqa: B018 - parses the address, raises ValueError
+    except ValueError as exc:  # the message never repeats the URL: it may hold a password
+        raise ConfigError(f"DATABASE_URL: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,26 +282,8 @@ class TokenStore:
         return cls(lookup, ping, cache_s)
 
     @classmethod
-    def from_pool(cls, pool: Any, cache_s: float) -> TokenStore:
-        import asyncpg
-
-        async def lookup(digest: str) -> TokenInfo | None:
-            try:
-                async with asyncio.timeout(5):
-                    row = await pool.fetchrow(
-                        "SELECT name, priority, threshold FROM tokens WHERE token_sha256 = $1 AND revoked_at IS NULL",
-                        digest)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("credential lookup in PostgreSQL failed: %s", type(exc).__name__)
-                raise ApiError(503, "The token store is unreachable; try again shortly.", type="server_error",
-                               code="token_store_unavailable", retry_after_s=RETRY_AFTER_UNAVAILABLE_S) from None
-            return None if row is None else TokenInfo(row["name"], row["priority"], row["threshold"])
-
-        async def ping() -> None:
-            async with asyncio.timeout(2):
-                await pool.fetchval("SELECT 1")
-
-        return cls(lookup, ping, cache_s)
+    def from_database(cls, database: PostgresTokens, cache_s: float) -> TokenStore:
+        return cls(database.lookup, database.ping, cache_s)
 
     async def authenticate(self, authorization: bytes | None) -> TokenInfo:
         if not authorization or authorization[:7].lower() != b"bearer ":
@@ -332,6 +328,77 @@ class TokenStore:
         except Exception:  # any failure means "cannot check tokens now"
             return False
         return True
+
+
+class PostgresTokens:
+    """The tokens table in PostgreSQL, through a pool that `connect` creates once the database answers.
+
+    Kubernetes may start the sender before its database: until the first connection, lookups are
+    503 and readiness is red; `connect` keeps trying in the background. Once connected, asyncpg's
+    pool replaces broken connections by itself.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._pool: Any = None
+
+    async def connect(self) -> None:
+        """Creates the pool, retrying with a capped, jittered back-off; one log line while it fails.
+
+        A bad setting in the URL (asyncpg raises ValueError for one) is a ConfigError: retrying
+        would not fix it.
+        """
+        import asyncpg
+
+        delay = DB_CONNECT_DELAY_MIN_S
+        reported = None
+        while True:
+            try:
+                self._pool = await asyncpg.create_pool(self._url, min_size=1, max_size=8,
+                                                       timeout=DB_CONNECT_TIMEOUT_S)
+            except (ValueError, ArithmeticError) as exc:
+                raise ConfigError(f"DATABASE_URL: {exc}") from None
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                reason = str(exc) or type(exc).__name__
+                if reason != reported:  # one line per kind of failure, not one per attempt
+                    log.warning("token database unreachable (%s): requests that need a token lookup get 503 "
+                                "and readiness is red until it answers; retrying", reason)
+                    reported = reason
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, DB_CONNECT_DELAY_MAX_S)
+                continue
+            log.info("connected to the token database")
+            return
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+
+    async def lookup(self, digest: str) -> TokenInfo | None:
+        import asyncpg
+
+        if self._pool is None:
+            raise token_store_unavailable()
+        try:
+            async with asyncio.timeout(5):
+                row = await self._pool.fetchrow(
+                    "SELECT name, priority, threshold FROM tokens WHERE token_sha256 = $1 AND revoked_at IS NULL",
+                    digest)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("credential lookup in PostgreSQL failed: %s", type(exc).__name__)
+            raise token_store_unavailable() from None
+        return None if row is None else TokenInfo(row["name"], row["priority"], row["threshold"])
+
+    async def ping(self) -> None:
+        if self._pool is None:
+            raise token_store_unavailable()
+        async with asyncio.timeout(2):
+            await self._pool.fetchval("SELECT 1")
+
+
+def token_store_unavailable() -> ApiError:
+    return ApiError(503, "The token store is unreachable; try again shortly.", type="server_error",
+                    code="token_store_unavailable", retry_after_s=RETRY_AFTER_UNAVAILABLE_S)
 
 
 def fail_with(future: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
@@ -1259,15 +1326,13 @@ async def run(config: Config) -> None:
     async with AsyncExitStack() as stack:
         registry = prom.CollectorRegistry()
         metrics = Metrics.create(registry)
+        connector = None
         if config.database_url:
-            import asyncpg
-
-            try:
-                pool = await asyncpg.create_pool(config.database_url, min_size=1, max_size=8, timeout=10)
-            except (OSError, asyncpg.PostgresError) as exc:
-                raise ConfigError(f"DATABASE_URL: cannot connect to PostgreSQL ({exc})") from None
-            stack.push_async_callback(pool.close)
-            tokens = TokenStore.from_pool(pool, config.token_cache_s)
+            database = PostgresTokens(config.database_url)
+            connector = asyncio.create_task(database.connect())
+            stack.push_async_callback(database.close)
+            stack.push_async_callback(cancel_and_wait, connector)
+            tokens = TokenStore.from_database(database, config.token_cache_s)
         else:
             assert config.tokens_file is not None
             tokens = TokenStore.from_file(config.tokens_file, config.token_cache_s, config.max_priority)
@@ -1292,9 +1357,13 @@ async def run(config: Config) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        if connector is not None:  # a bad database setting ends the process, as at start-up
+            connector.add_done_callback(lambda task: task.cancelled() or task.exception() is None or stop.set())
         await stop.wait()
 
         await server.shut_down()
+        if connector is not None and connector.done() and not connector.cancelled() and connector.exception():
+            raise connector.exception()  # type: ignore[misc]
 
 
 @dataclass(slots=True)
