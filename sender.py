@@ -1,7 +1,7 @@
 """The sender: an OpenAI-compatible HTTP/1.1 front door that serves shared vLLM GPUs by priority.
 
 To a client it looks like a vLLM server. Each POST is authenticated by its bearer token (a
-priority and a threshold, from PostgreSQL or a token file, cached), routed by the `model` of its
+priority and a threshold, from its database or a token file, cached), routed by the `model` of its
 body, refused with 429 when that model's queue is longer than the token's threshold, and
 otherwise queued in RabbitMQ as a tiny grant request with the token's priority. A consumer
 beside the model's vLLM answers with a grant (which server to use) when the GPU has room; the
@@ -27,18 +27,15 @@ waiting for a grant when the broker connection drops are answered 503 rather tha
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import logging
 import os
-import random
 import signal
 import ssl
 import sys
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +55,7 @@ from common.messages import (ANNOUNCE_EXCHANGE, Grant, GrantRequest, MessageErro
                              decode_announcement, decode_grant, encode, is_valid_model_id,
                              model_queue)
 from common.tasks import cancel_and_wait
+from tokenstore import TokenInfo, TokenStore, TokenStoreUnavailable, database_class
 
 log = logging.getLogger("sender")
 
@@ -71,17 +69,12 @@ UPSTREAM_IDLE_MAX_S = 4.0           # vLLM (uvicorn) drops idle keep-alive conne
 UPSTREAM_POOL_SIZE = 64             # idle connections kept per vLLM server
 READ_CHUNK_BYTES = 64 * 1024
 QUEUE_LENGTH_REFRESH_S = 0.1
-TOKEN_MISS_CACHE_S = 5.0            # unknown tokens are remembered this long (floods stay off the DB)
-TOKEN_CACHE_MAX_ENTRIES = 100_000
 RETRY_AFTER_QUEUE_FULL_S = 1
 RETRY_AFTER_UNAVAILABLE_S = 5
 SHUTDOWN_GRACE_S = 25.0
 HANGUP_WATCH_DELAY_S = 0.05         # a request still running after this gets a reader that notices a hang-up
 RECONNECT_DELAY_MIN_S = 0.5
 RECONNECT_DELAY_MAX_S = 10.0
-DB_CONNECT_DELAY_MIN_S = 0.25       # the token database's first connection: back-off while it is not there
-DB_CONNECT_DELAY_MAX_S = 5.0
-DB_CONNECT_TIMEOUT_S = 10.0
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 # Releases wait this long at most, to travel together: under load that is several per message, which
 # saves the broker and the consumer a delivery each (bench/RESULTS.md: +6-9 % req/s). A slot comes
@@ -126,9 +119,10 @@ class Config:
         database_url = env.get("DATABASE_URL", "").strip() or None
         tokens_file = env.get("TOKENS_FILE", "").strip() or None
         if database_url is None and tokens_file is None:
-            raise ConfigError("set DATABASE_URL (postgresql://...) or TOKENS_FILE (a YAML or JSON token list)")
+            raise ConfigError("set DATABASE_URL (postgresql://... or mysql://...) or TOKENS_FILE "
+                              "(a YAML or JSON token list)")
         if database_url is not None:
-            check_database_url(database_url)
+            database_class(database_url)  # a ConfigError for a wrong scheme or address
         return cls(
             host=env_str(env, "SENDER_HOST", "0.0.0.0"),
             port=env_int(env, "SENDER_PORT", 8080, minimum=0, maximum=65535),
@@ -144,16 +138,6 @@ class Config:
             rpc_reconnect_attempts=env_int(env, "RPC_RECONNECT_ATTEMPTS", 10, minimum=1),
             log_level=log_level(env),
         )
-
-
-def check_database_url(url: str) -> None:
-    """The scheme and the address must be right at start-up; the rest is the driver's to judge."""
-    if not url.startswith(("postgresql://", "postgres://")):
-        raise ConfigError("DATABASE_URL must start with postgresql://")
-    try:
-        urllib.parse.urlsplit(url).port  # noqa: B018 - parses the address, raises ValueError
-    except ValueError as exc:  # the message never repeats the URL: it may hold a password
-        raise ConfigError(f"DATABASE_URL: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +195,7 @@ class Metrics:
     time_to_first_byte: prom.Histogram
     in_flight: prom.Gauge
     queue_waiting: prom.Gauge
+    token_queries: prom.Counter
 
     @classmethod
     def create(cls, registry: prom.CollectorRegistry) -> Metrics:
@@ -229,186 +214,38 @@ class Metrics:
             queue_waiting=prom.Gauge("dispatcher_queue_waiting", "Requests waiting in the model's queue, "
                                      "as the threshold check sees it (refreshed every 100 ms).", ["model"],
                                      registry=registry),
+            token_queries=prom.Counter("dispatcher_token_queries", "Token lookups the cache could not answer, by "
+                                       "result (found, unknown, failed): one per token however many requests "
+                                       "wait for it.", ["result"], registry=registry),
         )
 
 
 # ---------------------------------------------------------------------------------------------
-# Token store: PostgreSQL or a token file, behind an in-memory cache
+# Tokens: the store (tokenstore.py: a cache in front of the database or TOKENS_FILE), as the
+# request path asks it
 
-@dataclass(frozen=True, slots=True)
-class TokenInfo:
-    name: str
-    priority: int
-    threshold: int
-
-
-class TokenStore:
-    """Finds a token's priority and threshold. Lookups are cached; the database is asked on a miss only.
-
-    The cache is keyed by the token's SHA-256 (the only form the database holds). Concurrent
-    misses for one token share one query. A database failure is a 503, never a 401.
-    """
-
-    def __init__(self, lookup: Callable[[str], Awaitable[TokenInfo | None]],
-                 ping: Callable[[], Awaitable[None]], cache_s: float) -> None:
-        self._lookup = lookup
-        self._ping = ping
-        self._cache_s = cache_s
-        self._miss_s = min(TOKEN_MISS_CACHE_S, cache_s)
-        self._cache: dict[str, tuple[TokenInfo | None, float]] = {}
-        self._loading: dict[str, asyncio.Future[TokenInfo | None]] = {}
-
-    @classmethod
-    def from_file(cls, path: str, cache_s: float, max_priority: int) -> TokenStore:
-        from admin import load_token_entries  # the operator tool owns the token file format
-
-        try:
-            entries = load_token_entries(path)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"TOKENS_FILE: {exc}") from None
-        tokens = {}
-        for entry in entries:
-            if entry["priority"] > max_priority:
-                raise ConfigError(f"TOKENS_FILE: token {entry['name']!r} has priority {entry['priority']} "
-                                  f"above MAX_PRIORITY={max_priority}")
-            tokens[hash_token(entry["token"])] = TokenInfo(entry["name"], entry["priority"], entry["threshold"])
-
-        async def lookup(digest: str) -> TokenInfo | None:
-            return tokens.get(digest)
-
-        async def ping() -> None:
-            return None
-
-        return cls(lookup, ping, cache_s)
-
-    @classmethod
-    def from_database(cls, database: PostgresTokens, cache_s: float) -> TokenStore:
-        return cls(database.lookup, database.ping, cache_s)
-
-    async def authenticate(self, authorization: bytes | None) -> TokenInfo:
-        if not authorization or authorization[:7].lower() != b"bearer ":
-            raise unauthorized()
-        token = authorization[7:].strip()
-        if not token:
-            raise unauthorized()
-        digest = hashlib.sha256(token).hexdigest()
-        now = time.monotonic()
-        cached = self._cache.get(digest)
-        if cached is not None and cached[1] > now:
-            info = cached[0]
-        else:
-            info = await self._load(digest)
-        if info is None:
-            raise unauthorized()
-        return info
-
-    async def _load(self, digest: str) -> TokenInfo | None:
-        loading = self._loading.get(digest)
-        if loading is not None:
-            return await asyncio.shield(loading)
-        future: asyncio.Future[TokenInfo | None] = asyncio.get_running_loop().create_future()
-        self._loading[digest] = future
-        try:
-            info = await self._lookup(digest)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters, if any, get it through shield
-            raise
-        finally:
-            del self._loading[digest]
-        future.set_result(info)
-        if len(self._cache) >= TOKEN_CACHE_MAX_ENTRIES:
-            self._cache.clear()
-        self._cache[digest] = (info, time.monotonic() + (self._cache_s if info else self._miss_s))
-        return info
-
-    async def is_ready(self) -> bool:
-        try:
-            await self._ping()
-        except Exception:  # any failure means "cannot check tokens now"
-            return False
-        return True
-
-
-class PostgresTokens:
-    """The tokens table in PostgreSQL, through a pool that `connect` creates once the database answers.
-
-    Kubernetes may start the sender before its database: until the first connection, lookups are
-    503 and readiness is red; `connect` keeps trying in the background. Once connected, asyncpg's
-    pool replaces broken connections by itself.
-    """
-
-    def __init__(self, url: str) -> None:
-        self._url = url
-        self._pool: Any = None
-
-    async def connect(self) -> None:
-        """Creates the pool, retrying with a capped, jittered back-off; one log line while it fails.
-
-        A bad setting in the URL (asyncpg raises ValueError for one) is a ConfigError: retrying
-        would not fix it.
-        """
-        import asyncpg
-
-        delay = DB_CONNECT_DELAY_MIN_S
-        reported = None
-        while True:
-            try:
-                self._pool = await asyncpg.create_pool(self._url, min_size=1, max_size=8,
-                                                       timeout=DB_CONNECT_TIMEOUT_S)
-            except (ValueError, ArithmeticError) as exc:
-                raise ConfigError(f"DATABASE_URL: {exc}") from None
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                reason = str(exc) or type(exc).__name__
-                if reason != reported:  # one line per kind of failure, not one per attempt
-                    log.warning("token database unreachable (%s): requests that need a token lookup get 503 "
-                                "and readiness is red until it answers; retrying", reason)
-                    reported = reason
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, DB_CONNECT_DELAY_MAX_S)
-                continue
-            log.info("connected to the token database")
-            return
-
-    async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
-
-    async def lookup(self, digest: str) -> TokenInfo | None:
-        import asyncpg
-
-        if self._pool is None:
-            raise token_store_unavailable()
-        try:
-            async with asyncio.timeout(5):
-                row = await self._pool.fetchrow(
-                    "SELECT name, priority, threshold FROM tokens WHERE token_sha256 = $1 AND revoked_at IS NULL",
-                    digest)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("credential lookup in PostgreSQL failed: %s", type(exc).__name__)
-            raise token_store_unavailable() from None
-        return None if row is None else TokenInfo(row["name"], row["priority"], row["threshold"])
-
-    async def ping(self) -> None:
-        if self._pool is None:
-            raise token_store_unavailable()
-        async with asyncio.timeout(2):
-            await self._pool.fetchval("SELECT 1")
-
-
-def token_store_unavailable() -> ApiError:
-    return ApiError(503, "The token store is unreachable; try again shortly.", type="server_error",
-                    code="token_store_unavailable", retry_after_s=RETRY_AFTER_UNAVAILABLE_S)
+async def authenticate(tokens: TokenStore, authorization: bytes | None) -> TokenInfo:
+    """The owner of the bearer token: 401 when it is missing, unknown or revoked; 503 when the
+    store cannot tell (the token may well be valid)."""
+    if not authorization or authorization[:7].lower() != b"bearer ":
+        raise unauthorized()
+    token = authorization[7:].strip()
+    if not token:
+        raise unauthorized()
+    try:
+        info = await tokens.lookup(token)
+    except TokenStoreUnavailable:
+        raise ApiError(503, "The token store is unreachable; try again shortly.", type="server_error",
+                       code="token_store_unavailable", retry_after_s=RETRY_AFTER_UNAVAILABLE_S) from None
+    if info is None:
+        raise unauthorized()
+    return info
 
 
 def fail_with(future: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
     """Fails `future` with the exception `done` ended with, if any (and if `future` still waits)."""
     if not future.done() and not done.cancelled() and done.exception() is not None:
         future.set_exception(done.exception())  # type: ignore[arg-type]
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1153,7 +990,7 @@ async def handle(service: Service, client: ClientConnection, request: Request, h
     """The routing table: health routes, the model list, and every POST, which goes to vLLM."""
     path = request.target.split(b"?", 1)[0]
     if request.method == b"POST":
-        token = await service.tokens.authenticate(header_value(request.headers, b"authorization"))
+        token = await authenticate(service.tokens, header_value(request.headers, b"authorization"))
         await proxy(service, client, request, token, hangup, outcome)
         return
     await read_body(client, request, MAX_HEAD_BYTES)  # GET and others: an empty body, normally
@@ -1165,7 +1002,7 @@ async def handle(service: Service, client: ClientConnection, request: Request, h
         ready = not service.shutting_down and service.capacity.is_ready() and await service.tokens.is_ready()
         await client.send_json(200 if ready else 503, {"status": "ready" if ready else "not ready"})
     else:
-        await service.tokens.authenticate(header_value(request.headers, b"authorization"))
+        await authenticate(service.tokens, header_value(request.headers, b"authorization"))
         if path == b"/v1/models":
             await list_models(service, client, None)
         elif path.startswith(b"/v1/models/"):
@@ -1328,11 +1165,11 @@ async def run(config: Config) -> None:
         metrics = Metrics.create(registry)
         connector = None
         if config.database_url:
-            database = PostgresTokens(config.database_url)
-            connector = asyncio.create_task(database.connect())
-            stack.push_async_callback(database.close)
+            tokens = TokenStore(config.token_cache_s,
+                                on_query=lambda result: metrics.token_queries.labels(result).inc())
+            connector = asyncio.create_task(tokens.connect(config.database_url))  # in the background: see TokenStore
+            stack.push_async_callback(tokens.close)
             stack.push_async_callback(cancel_and_wait, connector)
-            tokens = TokenStore.from_database(database, config.token_cache_s)
         else:
             assert config.tokens_file is not None
             tokens = TokenStore.from_file(config.tokens_file, config.token_cache_s, config.max_priority)
@@ -1351,7 +1188,7 @@ async def run(config: Config) -> None:
 
         server = await start_server(service, config.host, config.port)
         log.info("sender listening on %s:%d (credentials from %s)", config.host, server.port,
-                 "PostgreSQL" if config.database_url else config.tokens_file)
+                 database_class(config.database_url).dialect if config.database_url else config.tokens_file)
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
