@@ -191,17 +191,20 @@ def broker_unavailable() -> ApiError:
 @dataclass(frozen=True, slots=True)
 class Metrics:
     requests: prom.Counter
+    token_queries: prom.Counter
     grant_wait: prom.Histogram
     time_to_first_byte: prom.Histogram
     in_flight: prom.Gauge
     queue_waiting: prom.Gauge
-    token_queries: prom.Counter
 
     @classmethod
     def create(cls, registry: prom.CollectorRegistry) -> Metrics:
         return cls(
             requests=prom.Counter("dispatcher_requests", "Requests answered, by model, status and priority.",
                                   ["model", "status", "priority"], registry=registry),
+            token_queries=prom.Counter("dispatcher_token_queries", "Token lookups the cache could not answer, by "
+                                       "result (found, unknown, failed): one per token however many requests "
+                                       "wait for it.", ["result"], registry=registry),
             grant_wait=prom.Histogram(
                 "dispatcher_grant_wait_seconds", "Time from queueing to grant.", ["model"], registry=registry,
                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)),
@@ -214,9 +217,6 @@ class Metrics:
             queue_waiting=prom.Gauge("dispatcher_queue_waiting", "Requests waiting in the model's queue, "
                                      "as the threshold check sees it (refreshed every 100 ms).", ["model"],
                                      registry=registry),
-            token_queries=prom.Counter("dispatcher_token_queries", "Token lookups the cache could not answer, by "
-                                       "result (found, unknown, failed): one per token however many requests "
-                                       "wait for it.", ["result"], registry=registry),
         )
 
 

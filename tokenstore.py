@@ -55,6 +55,7 @@ class TokenInfo:
     name: str
     priority: int
     threshold: int
+    max_in_flight: int | None = None  # the token's requests per model, waiting or running, all senders
 
 
 @dataclass(frozen=True, slots=True)
