@@ -21,7 +21,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 run: $(VENV)/.installed
 	$(PY) scripts/run_local.py
 
-# The whole test suite, after starting RabbitMQ and PostgreSQL if they are down.
+# The whole test suite, after starting RabbitMQ, PostgreSQL and MariaDB if they are down.
 test: $(VENV)/.installed
 	bash scripts/services.sh
 	$(PY) -m pytest

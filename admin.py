@@ -7,70 +7,46 @@
     python admin.py update NAME [--priority P] [--threshold T]
     python admin.py load FILE                                 upsert a YAML/JSON token list (Helm job)
 
-The database is `DATABASE_URL` (or `--database-url`), PostgreSQL only.
+The database is `DATABASE_URL` (or `--database-url`): `postgresql://...` or `mysql://...` (MySQL 8,
+MariaDB 10.6+), through the database layer the sender uses (tokenstore.py), where each dialect's
+schema and migrations live.
 
 Invariants: only the SHA-256 hex digest of a token is stored; the only token ever printed is the
 one `create` has just made, alone on stdout so that scripts can capture it. Errors are one line on
 stderr with exit status 1; usage and configuration errors exit with 2.
 
-The sender imports `hash_token` and `load_token_entries` (its TOKENS_FILE mode) from here, so this
-module has no side effect at import and reads the environment only in `main()` or when asked.
+The sender imports `load_token_entries` (its TOKENS_FILE mode) from here, so this module has no
+side effect at import and reads the environment only in `main()` or when asked.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import os
 import secrets
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import orjson
 import yaml
 
 from common.config import ConfigError, env_int
+from tokenstore import (Database, DatabaseError, DatabaseUnavailable, NoSuchToken, SchemaMissing, TokenConflict,
+                        database_class, hash_token, open_database)
 
 DEFAULT_MAX_PRIORITY = 10
-PG_INTEGER_MAX = 2**31 - 1
+SQL_INTEGER_MAX = 2**31 - 1
 NAME_MAX_CHARS = 200
 TOKEN_MAX_CHARS = 4096
 TOKEN_PREFIX = "sk-"
 TOKEN_ENTRY_KEYS = frozenset({"token", "priority", "threshold", "name"})
-CONNECT_TIMEOUT_S = 10.0
-COMMAND_TIMEOUT_S = 30.0
-# pg_advisory_xact_lock key: two install jobs migrating at once must not race on CREATE TABLE.
-MIGRATION_LOCK_KEY = 0x746F6B656E73  # "tokens"
-
-# The first migration. `IF NOT EXISTS` adopts a table created by hand from the documented schema.
-SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS tokens (
-    id bigserial PRIMARY KEY,
-    name text NOT NULL UNIQUE,
-    token_sha256 text NOT NULL UNIQUE,
-    priority integer NOT NULL CHECK (priority >= 0),
-    threshold integer NOT NULL CHECK (threshold >= 0),
-    created_at timestamptz NOT NULL DEFAULT now(),
-    revoked_at timestamptz
-)
-"""
-
-# Migration N is MIGRATIONS[N - 1]; append new ones, never edit an applied one.
-MIGRATIONS: tuple[str, ...] = (SCHEMA_SQL,)
-
-SCHEMA_VERSION_SQL = """
-CREATE TABLE IF NOT EXISTS schema_version (
-    version integer PRIMARY KEY,
-    applied_at timestamptz NOT NULL DEFAULT now()
-)
-"""
 
 
 class AdminError(Exception):
@@ -85,11 +61,6 @@ class Config:
 
 # ---------------------------------------------------------------------------------------------
 # Tokens and their validation (shared with the sender's TOKENS_FILE mode)
-
-def hash_token(token: str) -> str:
-    """The hex SHA-256 of the token's UTF-8 bytes: what the database stores and the sender looks up."""
-    return hashlib.sha256(token.encode()).hexdigest()
-
 
 def generate_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
@@ -126,8 +97,8 @@ def check_priority(value: Any, max_priority: int) -> int:
 
 
 def check_threshold(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= PG_INTEGER_MAX:
-        raise ValueError(f"threshold must be an integer from 0 to {PG_INTEGER_MAX}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SQL_INTEGER_MAX:
+        raise ValueError(f"threshold must be an integer from 0 to {SQL_INTEGER_MAX}, got {value!r}")
     return value
 
 
@@ -211,100 +182,27 @@ def describe(raw: Any) -> str:
 # ---------------------------------------------------------------------------------------------
 # The database
 
-async def migrate(conn: asyncpg.Connection) -> tuple[int, int]:
-    """Brings the schema to the latest version; returns (version before, version after).
-
-    Idempotent and safe when several jobs run it at once. A database already at a newer version
-    (a rolled-back upgrade) is left untouched, as Flyway ignores "future" migrations.
-    """
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
-        await conn.execute(SCHEMA_VERSION_SQL)
-        before = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
-        for version in range(before + 1, len(MIGRATIONS) + 1):
-            await conn.execute(MIGRATIONS[version - 1])
-            await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
-    return before, max(before, len(MIGRATIONS))
-
-
-async def connect(database_url: str) -> asyncpg.Connection:
+@asynccontextmanager
+async def connect(database_url: str) -> AsyncIterator[Database]:
     try:
-        return await asyncpg.connect(database_url, timeout=CONNECT_TIMEOUT_S, command_timeout=COMMAND_TIMEOUT_S)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        # The URL is not repeated: it may hold a password.
-        raise AdminError(f"cannot connect to the database: {exc or type(exc).__name__}") from None
-
-
-async def create_token(conn: asyncpg.Connection, name: str, token: str, priority: int, threshold: int) -> None:
+        database = await open_database(database_url, pool_size=1)
+    except DatabaseUnavailable as exc:  # the URL is not repeated: it may hold a password
+        raise AdminError(f"cannot connect to the database: {exc}") from None
     try:
-        await conn.execute("INSERT INTO tokens (name, token_sha256, priority, threshold) VALUES ($1, $2, $3, $4)",
-                           name, hash_token(token), priority, threshold)
-    except asyncpg.UniqueViolationError:
-        row = await conn.fetchrow("SELECT revoked_at FROM tokens WHERE name = $1", name)
-        if row is None:
-            raise AdminError("this token is already registered under another name") from None
-        state = " (revoked)" if row["revoked_at"] else ""
-        raise AdminError(f"a token named {name!r} already exists{state}; choose another name") from None
-
-
-async def list_tokens(conn: asyncpg.Connection) -> list[dict[str, Any]]:
-    rows = await conn.fetch("SELECT name, priority, threshold, created_at, revoked_at FROM tokens ORDER BY name")
-    return [dict(row) for row in rows]
-
-
-async def revoke_token(conn: asyncpg.Connection, name: str) -> bool:
-    """Returns False when the token was already revoked (its revocation time is kept)."""
-    row = await conn.fetchrow(
-        "UPDATE tokens SET revoked_at = coalesce(revoked_at, now()) WHERE name = $1 "
-        "RETURNING revoked_at = now() AS revoked_now", name)
-    if row is None:
-        raise AdminError(f"no token named {name!r}")
-    return row["revoked_now"]
-
-
-async def update_token(conn: asyncpg.Connection, name: str, priority: int | None,
-                       threshold: int | None) -> asyncpg.Record:
-    row = await conn.fetchrow(
-        "UPDATE tokens SET priority = coalesce($2, priority), threshold = coalesce($3, threshold) "
-        "WHERE name = $1 RETURNING priority, threshold, revoked_at", name, priority, threshold)
-    if row is None:
-        raise AdminError(f"no token named {name!r}")
-    return row
-
-
-async def load_tokens(conn: asyncpg.Connection, entries: Sequence[Mapping[str, Any]], source: str) -> tuple[int, int]:
-    """Upserts by name in one transaction (all or nothing), un-revoking; returns (created, updated)."""
-    created = 0
-    async with conn.transaction():
-        for number, entry in enumerate(entries, start=1):
-            digest = hash_token(entry["token"])
-            try:
-                # xmax is 0 on a freshly inserted row: tells an insert from an update in one statement.
-                async with conn.transaction():  # a savepoint, so the error below can still query
-                    inserted = await conn.fetchval(
-                        "INSERT INTO tokens (name, token_sha256, priority, threshold) VALUES ($1, $2, $3, $4) "
-                        "ON CONFLICT (name) DO UPDATE SET token_sha256 = EXCLUDED.token_sha256, "
-                        "priority = EXCLUDED.priority, threshold = EXCLUDED.threshold, revoked_at = NULL "
-                        "RETURNING xmax = 0", entry["name"], digest, entry["priority"], entry["threshold"])
-            except asyncpg.UniqueViolationError:
-                owner = await conn.fetchval("SELECT name FROM tokens WHERE token_sha256 = $1", digest)
-                raise AdminError(f"{source}: entry #{number} ({entry['name']!r}): its token is already "
-                                 f"registered under the name {owner!r}") from None
-            created += inserted
-    return created, len(entries) - created
+        yield database
+    finally:
+        await database.close()
 
 
 # ---------------------------------------------------------------------------------------------
 # Commands: each validates its arguments before connecting, then does one thing
 
 async def command_migrate(args: argparse.Namespace, config: Config) -> int:
-    conn = await connect(config.database_url)
-    try:
-        before, after = await migrate(conn)
-    finally:
-        await conn.close()
-    if after > len(MIGRATIONS):
-        print(f"schema at version {after}, newer than this admin.py ({len(MIGRATIONS)}): left as is", file=sys.stderr)
+    async with connect(config.database_url) as database:
+        before, after = await database.migrate()
+        latest = len(type(database).MIGRATIONS)
+    if after > latest:
+        print(f"schema at version {after}, newer than this admin.py ({latest}): left as is", file=sys.stderr)
     print(f"schema at version {after}" + (f" (was {before})" if before != after else " (up to date)"))
     return 0
 
@@ -314,11 +212,14 @@ async def command_create(args: argparse.Namespace, config: Config) -> int:
     priority = check_argument(check_priority, args.priority, config.max_priority)
     threshold = check_argument(check_threshold, args.threshold)
     token = check_argument(check_token, args.token) if args.token is not None else generate_token()
-    conn = await connect(config.database_url)
-    try:
-        await create_token(conn, name, token, priority, threshold)
-    finally:
-        await conn.close()
+    async with connect(config.database_url) as database:
+        try:
+            await database.create_token(name, hash_token(token), priority, threshold)
+        except TokenConflict as conflict:
+            if conflict.name_revoked is None:
+                raise AdminError("this token is already registered under another name") from None
+            state = " (revoked)" if conflict.name_revoked else ""
+            raise AdminError(f"a token named {name!r} already exists{state}; choose another name") from None
     print(token)
     print(f"created {name!r} (priority {priority}, threshold {threshold}); the token above is not stored "
           f"and will not be shown again", file=sys.stderr)
@@ -326,17 +227,14 @@ async def command_create(args: argparse.Namespace, config: Config) -> int:
 
 
 async def command_list(args: argparse.Namespace, config: Config) -> int:
-    conn = await connect(config.database_url)
-    try:
-        rows = await list_tokens(conn)
-    finally:
-        await conn.close()
+    async with connect(config.database_url) as database:
+        rows = await database.list_tokens()
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2 | orjson.OPT_UTC_Z) + b"\n")
         return 0
     table = [("NAME", "PRIORITY", "THRESHOLD", "CREATED", "REVOKED")]
-    table += [(row["name"], str(row["priority"]), str(row["threshold"]), format_time(row["created_at"]),
-               format_time(row["revoked_at"])) for row in rows]
+    table += [(row.name, str(row.priority), str(row.threshold), format_time(row.created_at),
+               format_time(row.revoked_at)) for row in rows]
     widths = [max(len(line[column]) for line in table) for column in range(len(table[0]))]
     for line in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
@@ -344,11 +242,8 @@ async def command_list(args: argparse.Namespace, config: Config) -> int:
 
 
 async def command_revoke(args: argparse.Namespace, config: Config) -> int:
-    conn = await connect(config.database_url)
-    try:
-        revoked_now = await revoke_token(conn, args.name)
-    finally:
-        await conn.close()
+    async with connect(config.database_url) as database:
+        revoked_now = await database.revoke_token(args.name)
     print(f"revoked {args.name!r}" if revoked_now else f"{args.name!r} was already revoked")
     return 0
 
@@ -356,13 +251,10 @@ async def command_revoke(args: argparse.Namespace, config: Config) -> int:
 async def command_update(args: argparse.Namespace, config: Config) -> int:
     priority = None if args.priority is None else check_argument(check_priority, args.priority, config.max_priority)
     threshold = None if args.threshold is None else check_argument(check_threshold, args.threshold)
-    conn = await connect(config.database_url)
-    try:
-        row = await update_token(conn, args.name, priority, threshold)
-    finally:
-        await conn.close()
-    state = " (revoked)" if row["revoked_at"] else ""
-    print(f"updated {args.name!r}: priority {row['priority']}, threshold {row['threshold']}{state}")
+    async with connect(config.database_url) as database:
+        row = await database.update_token(args.name, priority, threshold)
+    state = " (revoked)" if row.revoked_at else ""
+    print(f"updated {args.name!r}: priority {row.priority}, threshold {row.threshold}{state}")
     return 0
 
 
@@ -373,12 +265,15 @@ async def command_load(args: argparse.Namespace, config: Config) -> int:
         raise AdminError(f"cannot read {args.file}: {exc.strerror or exc}") from None
     except ValueError as exc:
         raise AdminError(str(exc)) from None
-    conn = await connect(config.database_url)
-    try:
-        created, updated = await load_tokens(conn, entries, args.file)
-    finally:
-        await conn.close()
-    print(f"loaded {len(entries)} tokens from {args.file}: {created} created, {updated} updated")
+    rows = [(entry["name"], hash_token(entry["token"]), entry["priority"], entry["threshold"]) for entry in entries]
+    async with connect(config.database_url) as database:
+        try:
+            created = await database.load_tokens(rows)
+        except TokenConflict as conflict:
+            name = entries[conflict.entry - 1]["name"]
+            raise AdminError(f"{args.file}: entry #{conflict.entry} ({name!r}): its token is already "
+                             f"registered under the name {conflict.owner!r}") from None
+    print(f"loaded {len(entries)} tokens from {args.file}: {created} created, {len(entries) - created} updated")
     return 0
 
 
@@ -400,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Accepted before or after the subcommand; SUPPRESS keeps a subparser from erasing the other.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--database-url", default=argparse.SUPPRESS, metavar="URL",
-                        help="postgresql://user:password@host:5432/db (default: $DATABASE_URL; "
-                             "prefer the variable, arguments are visible to other users)")
+                        help="postgresql://user:password@host:5432/db or mysql://user:password@host:3306/db "
+                             "(default: $DATABASE_URL; prefer the variable, arguments are visible to other users)")
     parser = argparse.ArgumentParser(
         prog="admin.py", parents=[common],
         description="Manage the dispatcher's bearer tokens (stored as SHA-256 hashes only).",
@@ -443,10 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
 def read_config(args: argparse.Namespace, parser: argparse.ArgumentParser, env: Mapping[str, str]) -> Config:
     database_url = getattr(args, "database_url", None) or env.get("DATABASE_URL", "").strip()
     if not database_url:
-        parser.error("set DATABASE_URL or pass --database-url (postgresql://...)")
-    if not database_url.startswith(("postgresql://", "postgres://")):
-        parser.error("the database URL must start with postgresql:// (PostgreSQL is the only supported database)")
+        parser.error("set DATABASE_URL or pass --database-url (postgresql://... or mysql://...)")
     try:
+        database_class(database_url)
         max_priority = max_priority_from_env(env)
     except ConfigError as exc:
         parser.error(str(exc))
@@ -463,11 +357,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(args.run(args, config))
     except AdminError as exc:
         print(f"admin.py {args.command}: {exc}", file=sys.stderr)
-    except asyncpg.UndefinedTableError:
+    except NoSuchToken as exc:
+        print(f"admin.py {args.command}: no token named {str(exc)!r}", file=sys.stderr)
+    except SchemaMissing:
         print(f"admin.py {args.command}: the tokens table does not exist; run `python admin.py migrate` first",
               file=sys.stderr)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        print(f"admin.py {args.command}: database error: {exc or type(exc).__name__}", file=sys.stderr)
+    except DatabaseError as exc:
+        print(f"admin.py {args.command}: database error: {exc}", file=sys.stderr)
+    except ConfigError as exc:  # a setting the driver refused when connecting
+        print(f"admin.py {args.command}: {exc}", file=sys.stderr)
+        return 2
     return 1
 
 

@@ -1,7 +1,7 @@
 """The sender: an OpenAI-compatible HTTP/1.1 front door that serves shared vLLM GPUs by priority.
 
 To a client it looks like a vLLM server. Each POST is authenticated by its bearer token (a
-priority and a threshold, from PostgreSQL or a token file, cached), routed by the `model` of its
+priority and a threshold, from its database or a token file, cached), routed by the `model` of its
 body, refused with 429 when that model's queue is longer than the token's threshold, and
 otherwise queued in RabbitMQ as a tiny grant request with the token's priority. A consumer
 beside the model's vLLM answers with a grant (which server to use) when the GPU has room; the
@@ -26,7 +26,6 @@ Known limitations: no HTTP/2 and no TLS on the client side (the ingress terminat
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import logging
 import math
@@ -37,7 +36,6 @@ import sys
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +56,7 @@ from common.messages import (ANNOUNCE_EXCHANGE, Grant, GrantRequest, MessageErro
                              model_queue, queue_priority, share_bucket)
 from common.tasks import cancel_and_wait
 from queue_state import STATE_EXCHANGE, STATE_INTERVAL_S, STATE_TTL_S, QueueState, retry_after_s
+from tokenstore import TokenInfo, TokenStore, TokenStoreUnavailable, database_class
 
 log = logging.getLogger("sender")
 
@@ -70,8 +69,6 @@ UPSTREAM_CONNECT_TIMEOUT_S = 10.0
 UPSTREAM_IDLE_MAX_S = 4.0           # vLLM (uvicorn) drops idle keep-alive connections after 5 s
 UPSTREAM_POOL_SIZE = 64             # idle connections kept per vLLM server
 READ_CHUNK_BYTES = 64 * 1024
-TOKEN_MISS_CACHE_S = 5.0            # unknown tokens are remembered this long (floods stay off the DB)
-TOKEN_CACHE_MAX_ENTRIES = 100_000
 RETRY_AFTER_QUEUE_FULL_S = 1
 RETRY_AFTER_UNAVAILABLE_S = 5
 SHUTDOWN_GRACE_S = 25.0
@@ -123,9 +120,10 @@ class Config:
         database_url = env.get("DATABASE_URL", "").strip() or None
         tokens_file = env.get("TOKENS_FILE", "").strip() or None
         if database_url is None and tokens_file is None:
-            raise ConfigError("set DATABASE_URL (postgresql://...) or TOKENS_FILE (a YAML or JSON token list)")
-        if database_url is not None and not database_url.startswith(("postgresql://", "postgres://")):
-            raise ConfigError("DATABASE_URL must start with postgresql://")
+            raise ConfigError("set DATABASE_URL (postgresql://... or mysql://...) or TOKENS_FILE "
+                              "(a YAML or JSON token list)")
+        if database_url is not None:
+            database_class(database_url)  # a ConfigError for a wrong scheme or address
         return cls(
             host=env_str(env, "SENDER_HOST", "0.0.0.0"),
             port=env_int(env, "SENDER_PORT", 8080, minimum=0, maximum=65535),
@@ -195,6 +193,7 @@ def broker_unavailable() -> ApiError:
 @dataclass(frozen=True, slots=True)
 class Metrics:
     requests: prom.Counter
+    token_queries: prom.Counter
     grant_wait: prom.Histogram
     time_to_first_byte: prom.Histogram
     in_flight: prom.Gauge
@@ -205,6 +204,9 @@ class Metrics:
         return cls(
             requests=prom.Counter("dispatcher_requests", "Requests answered, by model, status and priority.",
                                   ["model", "status", "priority"], registry=registry),
+            token_queries=prom.Counter("dispatcher_token_queries", "Token lookups the cache could not answer, by "
+                                       "result (found, unknown, failed): one per token however many requests "
+                                       "wait for it.", ["result"], registry=registry),
             grant_wait=prom.Histogram(
                 "dispatcher_grant_wait_seconds", "Time from queueing to grant.", ["model"], registry=registry,
                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)),
@@ -221,124 +223,25 @@ class Metrics:
 
 
 # ---------------------------------------------------------------------------------------------
-# Token store: PostgreSQL or a token file, behind an in-memory cache
+# Tokens: the store (tokenstore.py: a cache in front of the database or TOKENS_FILE), as the
+# request path asks it
 
-@dataclass(frozen=True, slots=True)
-class TokenInfo:
-    name: str
-    priority: int
-    threshold: int
-    max_in_flight: int | None = None  # the token's requests per model, waiting or running, all senders
-
-
-class TokenStore:
-    """Finds a token's priority and threshold. Lookups are cached; the database is asked on a miss only.
-
-    The cache is keyed by the token's SHA-256 (the only form the database holds). Concurrent
-    misses for one token share one query. A database failure is a 503, never a 401.
-    """
-
-    def __init__(self, lookup: Callable[[str], Awaitable[TokenInfo | None]],
-                 ping: Callable[[], Awaitable[None]], cache_s: float) -> None:
-        self._lookup = lookup
-        self._ping = ping
-        self._cache_s = cache_s
-        self._miss_s = min(TOKEN_MISS_CACHE_S, cache_s)
-        self._cache: dict[str, tuple[TokenInfo | None, float]] = {}
-        self._loading: dict[str, asyncio.Future[TokenInfo | None]] = {}
-
-    @classmethod
-    def from_file(cls, path: str, cache_s: float, max_priority: int) -> TokenStore:
-        from admin import load_token_entries  # the operator tool owns the token file format
-
-        try:
-            entries = load_token_entries(path)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"TOKENS_FILE: {exc}") from None
-        tokens = {}
-        for entry in entries:
-            if entry["priority"] > max_priority:
-                raise ConfigError(f"TOKENS_FILE: token {entry['name']!r} has priority {entry['priority']} "
-                                  f"above MAX_PRIORITY={max_priority}")
-            tokens[hash_token(entry["token"])] = TokenInfo(entry["name"], entry["priority"], entry["threshold"])
-
-        async def lookup(digest: str) -> TokenInfo | None:
-            return tokens.get(digest)
-
-        async def ping() -> None:
-            return None
-
-        return cls(lookup, ping, cache_s)
-
-    @classmethod
-    def from_pool(cls, pool: Any, cache_s: float) -> TokenStore:
-        import asyncpg
-
-        async def lookup(digest: str) -> TokenInfo | None:
-            try:
-                async with asyncio.timeout(5):
-                    row = await pool.fetchrow(
-                        "SELECT name, priority, threshold FROM tokens WHERE token_sha256 = $1 AND revoked_at IS NULL",
-                        digest)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("credential lookup in PostgreSQL failed: %s", type(exc).__name__)
-                raise ApiError(503, "The token store is unreachable; try again shortly.", type="server_error",
-                               code="token_store_unavailable", retry_after_s=RETRY_AFTER_UNAVAILABLE_S) from None
-            return None if row is None else TokenInfo(row["name"], row["priority"], row["threshold"])
-
-        async def ping() -> None:
-            async with asyncio.timeout(2):
-                await pool.fetchval("SELECT 1")
-
-        return cls(lookup, ping, cache_s)
-
-    async def authenticate(self, authorization: bytes | None) -> TokenInfo:
-        if not authorization or authorization[:7].lower() != b"bearer ":
-            raise unauthorized()
-        token = authorization[7:].strip()
-        if not token:
-            raise unauthorized()
-        digest = hashlib.sha256(token).hexdigest()
-        now = time.monotonic()
-        cached = self._cache.get(digest)
-        if cached is not None and cached[1] > now:
-            info = cached[0]
-        else:
-            info = await self._load(digest)
-        if info is None:
-            raise unauthorized()
-        return info
-
-    async def _load(self, digest: str) -> TokenInfo | None:
-        loading = self._loading.get(digest)
-        if loading is not None:
-            return await asyncio.shield(loading)
-        future: asyncio.Future[TokenInfo | None] = asyncio.get_running_loop().create_future()
-        self._loading[digest] = future
-        try:
-            info = await self._lookup(digest)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters, if any, get it through shield
-            raise
-        finally:
-            del self._loading[digest]
-        future.set_result(info)
-        if len(self._cache) >= TOKEN_CACHE_MAX_ENTRIES:
-            self._cache.clear()
-        self._cache[digest] = (info, time.monotonic() + (self._cache_s if info else self._miss_s))
-        return info
-
-    async def is_ready(self) -> bool:
-        try:
-            await self._ping()
-        except Exception:  # any failure means "cannot check tokens now"
-            return False
-        return True
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+async def authenticate(tokens: TokenStore, authorization: bytes | None) -> TokenInfo:
+    """The owner of the bearer token: 401 when it is missing, unknown or revoked; 503 when the
+    store cannot tell (the token may well be valid)."""
+    if not authorization or authorization[:7].lower() != b"bearer ":
+        raise unauthorized()
+    token = authorization[7:].strip()
+    if not token:
+        raise unauthorized()
+    try:
+        info = await tokens.lookup(token)
+    except TokenStoreUnavailable:
+        raise ApiError(503, "The token store is unreachable; try again shortly.", type="server_error",
+                       code="token_store_unavailable", retry_after_s=RETRY_AFTER_UNAVAILABLE_S) from None
+    if info is None:
+        raise unauthorized()
+    return info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1299,7 +1202,7 @@ async def handle(service: Service, client: ClientConnection, request: Request, h
     """The routing table: health routes, the model list, and every POST, which goes to vLLM."""
     path = request.target.split(b"?", 1)[0]
     if request.method == b"POST":
-        token = await service.tokens.authenticate(header_value(request.headers, b"authorization"))
+        token = await authenticate(service.tokens, header_value(request.headers, b"authorization"))
         await proxy(service, client, request, token, hangup, outcome)
         return
     await read_body(client, request, MAX_HEAD_BYTES)  # GET and others: an empty body, normally
@@ -1311,7 +1214,7 @@ async def handle(service: Service, client: ClientConnection, request: Request, h
         ready = not service.shutting_down and service.capacity.is_ready() and await service.tokens.is_ready()
         await client.send_json(200 if ready else 503, {"status": "ready" if ready else "not ready"})
     else:
-        token = await service.tokens.authenticate(header_value(request.headers, b"authorization"))
+        token = await authenticate(service.tokens, header_value(request.headers, b"authorization"))
         if path == b"/v1/models":
             await list_models(service, client, None)
         elif path == b"/v1/queue":
@@ -1474,15 +1377,13 @@ async def run(config: Config) -> None:
     async with AsyncExitStack() as stack:
         registry = prom.CollectorRegistry()
         metrics = Metrics.create(registry)
+        connector = None
         if config.database_url:
-            import asyncpg
-
-            try:
-                pool = await asyncpg.create_pool(config.database_url, min_size=1, max_size=8, timeout=10)
-            except (OSError, asyncpg.PostgresError) as exc:
-                raise ConfigError(f"DATABASE_URL: cannot connect to PostgreSQL ({exc})") from None
-            stack.push_async_callback(pool.close)
-            tokens = TokenStore.from_pool(pool, config.token_cache_s)
+            tokens = TokenStore(config.token_cache_s,
+                                on_query=lambda result: metrics.token_queries.labels(result).inc())
+            connector = asyncio.create_task(tokens.connect(config.database_url))  # in the background: see TokenStore
+            stack.push_async_callback(tokens.close)
+            stack.push_async_callback(cancel_and_wait, connector)
         else:
             assert config.tokens_file is not None
             tokens = TokenStore.from_file(config.tokens_file, config.token_cache_s, config.max_priority)
@@ -1502,15 +1403,19 @@ async def run(config: Config) -> None:
 
         server = await start_server(service, config.host, config.port)
         log.info("sender listening on %s:%d (credentials from %s)", config.host, server.port,
-                 "PostgreSQL" if config.database_url else config.tokens_file)
+                 database_class(config.database_url).dialect if config.database_url else config.tokens_file)
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        if connector is not None:  # a bad database setting ends the process, as at start-up
+            connector.add_done_callback(lambda task: task.cancelled() or task.exception() is None or stop.set())
         await stop.wait()
 
         await server.shut_down()
+        if connector is not None and connector.done() and not connector.cancelled() and connector.exception():
+            raise connector.exception()  # type: ignore[misc]
 
 
 @dataclass(slots=True)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Starts the services the test suite talks to (RabbitMQ, PostgreSQL) when they are not running,
-# on a Debian machine where they are installed as packages, and waits until they answer.
+# Starts the services the test suite talks to (RabbitMQ, PostgreSQL, MariaDB) when they are not
+# running, on a Debian machine where they are installed as packages, and waits until they answer.
+# A service that is not installed, or does not come up, stops the run with a line saying so.
 set -euo pipefail
 
 is_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -35,6 +36,20 @@ if ! is_open 5432; then
     exit 1
   fi
   wait_open 5432 PostgreSQL
+fi
+
+# The token database tests run on MariaDB too (root with an empty password on 127.0.0.1, as
+# Debian's package is set up here, or TEST_MARIADB_URL).
+if ! is_open 3306; then
+  echo "services.sh: starting MariaDB"
+  if [ -x /usr/sbin/mariadbd ]; then
+    start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd || true
+  else
+    echo "services.sh: MariaDB is not installed: apt-get install mariadb-server (or run it in a container:" \
+         "docker run -d -p 3306:3306 -e MARIADB_ALLOW_EMPTY_ROOT_PASSWORD=1 -e MARIADB_DATABASE=test mariadb:11.4)" >&2
+    exit 1
+  fi
+  wait_open 3306 MariaDB
 fi
 
 # RabbitMQ opens its port before it accepts AMQP logins; wait until it answers a status query.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -12,6 +13,63 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import h11
+
+
+class TcpRelay:
+    """A TCP relay on a local port to a server, that a test opens, cuts and opens again: a link to a
+    database or broker that is not there yet, fails, or comes back. It runs on an event loop of its
+    own thread, so that the test's blocking calls do not stall it."""
+
+    def __init__(self, target_host: str, target_port: int, port: int | None = None) -> None:
+        self.target = (target_host, target_port)
+        self.port = port or free_port()
+        self.loop = asyncio.new_event_loop()
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+    def open(self) -> None:
+        """Starts listening on `port`: from now on, connections reach the server."""
+        asyncio.run_coroutine_threadsafe(self._listen(), self.loop).result(5)
+
+    def cut(self) -> None:
+        """Stops listening and resets every relayed connection, like a network failure."""
+        asyncio.run_coroutine_threadsafe(self._cut(), self.loop).result(5)
+
+    def close(self) -> None:
+        self.cut()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+    async def _listen(self) -> None:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port, reuse_address=True)
+
+    async def _cut(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        for writer in self.writers:
+            writer.transport.abort()
+        self.writers.clear()
+
+    async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        try:
+            server_reader, server_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            client_writer.transport.abort()
+            return
+        self.writers |= {client_writer, server_writer}
+        await asyncio.gather(self._pump(client_reader, server_writer), self._pump(server_reader, client_writer))
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            self.writers.discard(writer)
+            writer.transport.abort()
 
 
 def free_port() -> int:

@@ -104,12 +104,28 @@ Secrets: names and keys. Every password and token reaches a pod through a secret
 {{- default (printf "%s-database" (include "dispatcher.fullname" .)) .Values.database.existingSecret }}
 {{- end }}
 
+{{/* The database of database.type: its host (the internal server's Service is named after the
+type), port, image, and the Secret key of the internal server's superuser password. */}}
 {{- define "dispatcher.databaseHost" -}}
 {{- if .Values.database.internal }}
-{{- printf "%s-postgresql" (include "dispatcher.fullname" .) }}
+{{- printf "%s-%s" (include "dispatcher.fullname" .) .Values.database.type }}
 {{- else }}
 {{- .Values.database.host }}
 {{- end }}
+{{- end }}
+
+{{- define "dispatcher.databasePort" -}}
+{{- .Values.database.port | default (ternary 3306 5432 (eq .Values.database.type "mysql")) }}
+{{- end }}
+
+{{- define "dispatcher.databaseImage" -}}
+{{- $mysql := eq .Values.database.type "mysql" }}
+{{- $image := .Values.database.image }}
+{{- printf "%s:%s" ($image.repository | default (ternary "mysql" "postgres" $mysql)) (toString ($image.tag | default (ternary "8.4" "17" $mysql))) }}
+{{- end }}
+
+{{- define "dispatcher.databaseRootPasswordKey" -}}
+{{- ternary "mysql-root-password" "postgres-password" (eq .Values.database.type "mysql") }}
 {{- end }}
 
 {{- define "dispatcher.rabbitmqClusterName" -}}
@@ -193,7 +209,7 @@ $(DB_PASSWORD) from the variables defined just before it. */}}
       name: {{ include "dispatcher.databaseSecretName" . }}
       key: password
 - name: DATABASE_URL
-  value: {{ printf "postgresql://$(DB_USER):$(DB_PASSWORD)@%s:%v/%s" (include "dispatcher.databaseHost" .) .Values.database.port .Values.database.auth.database | quote }}
+  value: {{ printf "%s://$(DB_USER):$(DB_PASSWORD)@%s:%s/%s" .Values.database.type (include "dispatcher.databaseHost" .) (include "dispatcher.databasePort" .) .Values.database.auth.database | quote }}
 {{- end }}
 
 {{/* Writable /tmp for containers with a read-only root file system. */}}
@@ -207,16 +223,15 @@ Render-time checks: a configuration the services cannot run fails here, with a m
 says what to change, instead of deploying something broken. */}}
 {{- define "dispatcher.validate" -}}
 {{- $db := .Values.database }}
-{{- if eq $db.type "mysql" }}
-{{- fail "database.type=mysql is not supported: sender.py and admin.py speak PostgreSQL only. Set database.type=postgresql (and, for an external server, database.host of a PostgreSQL server)." }}
-{{- else if ne $db.type "postgresql" }}
-{{- fail (printf "database.type=%s is unknown: use postgresql" $db.type) }}
+{{- if not (has $db.type (list "postgresql" "mysql")) }}
+{{- fail (printf "database.type=%s is unknown: use postgresql or mysql" $db.type) }}
 {{- end }}
 {{- if and (not $db.internal) (not $db.host) }}
-{{- fail "database.host is required when database.internal=false (the external PostgreSQL server)" }}
+{{- fail "database.host is required when database.internal=false (the external PostgreSQL or MySQL server)" }}
 {{- end }}
-{{- if and $db.internal (eq $db.auth.username "postgres") }}
-{{- fail "database.auth.username must not be postgres: that is the internal server's superuser (database.auth.rootPassword)" }}
+{{- $superuser := ternary "root" "postgres" (eq $db.type "mysql") }}
+{{- if and $db.internal (eq $db.auth.username $superuser) }}
+{{- fail (printf "database.auth.username must not be %s: that is the internal server's superuser (database.auth.rootPassword)" $superuser) }}
 {{- end }}
 {{- if and (not $db.internal) (not $db.existingSecret) (not $db.auth.password) }}
 {{- fail "database.auth.password or database.existingSecret is required when database.internal=false" }}

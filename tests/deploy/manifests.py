@@ -60,6 +60,8 @@ CASES: dict[str, Case] = {case.id: case for case in (
     Case("external-services", ("external-services.yaml",)),
     Case("external-inline-credentials", ("external-inline-credentials.yaml",)),
     Case("monitoring", ("monitoring.yaml",)),
+    Case("mysql", ("mysql.yaml",)),
+    Case("mysql-external", ("mysql-external.yaml",)),
     Case("gpus-from-inferenceserver", sets=("inferenceserver.resources.limits.nvidia\\.com/gpu=4",)),
     Case("tool-calling", ("tool-calling.yaml",)),
 )}

@@ -23,8 +23,6 @@ def test_helm_lint_passes(helm: str, case: Case) -> None:
 
 
 @pytest.mark.parametrize(("case", "message"), [
-    pytest.param(Case("mysql", ("mysql.yaml",)),
-                 "database.type=mysql is not supported: sender.py and admin.py speak PostgreSQL only", id="mysql"),
     pytest.param(Case("unknown-db", sets=("database.type=sqlite",)),
                  "values don't meet the specifications of the schema", id="unknown-database-type"),
     pytest.param(Case("external-db-no-host", sets=("database.internal=false", "database.auth.password=x")),
@@ -39,6 +37,10 @@ def test_helm_lint_passes(helm: str, case: Case) -> None:
                  "consumer.replicaCount must be 1", id="consumer-replicas"),
     pytest.param(Case("postgres-user", sets=("database.auth.username=postgres",)),
                  "database.auth.username must not be postgres", id="app-user-is-superuser"),
+    pytest.param(Case("mysql-root-user", sets=("database.type=mysql", "database.auth.username=root")),
+                 "database.auth.username must not be root", id="mysql-app-user-is-superuser"),
+    pytest.param(Case("bad-db-port", sets=("database.port=0",)),
+                 "values don't meet the specifications of the schema", id="database-port-out-of-range"),
     pytest.param(Case("duplicate", sets=("models[0].name=a", "models[0].model=x/y", "models[1].name=a",
                                          "models[1].model=x/z")),
                  "the name a is used twice", id="duplicate-model-name"),

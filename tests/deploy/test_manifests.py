@@ -39,6 +39,7 @@ Objects = list[dict[str, Any]]
 SENDER_IMAGE = "centralesupelec/aristote-dispatcher-sender"
 CONSUMER_IMAGE = "centralesupelec/aristote-dispatcher-consumer"
 POSTGRES_IMAGE = "postgres"
+MYSQL_IMAGE = "mysql"
 
 # DESIGN.md, "Configuration (environment variables)".
 BOTH_ENV = {"RABBITMQ_HOST", "RABBITMQ_PORT", "RABBITMQ_USER", "RABBITMQ_PASSWORD", "LOG_LEVEL",
@@ -276,6 +277,11 @@ def test_consumer_capacity_settings(rendered: dict[str, Objects], case_id: str, 
     pytest.param("external-inline-credentials",
                  "postgresql://dispatcher:test-external-db-password-def@pg.example.internal:5432/dispatcher",
                  "amqp://dispatcher:test-rabbit-password-abc@10.0.0.10:5672/", id="external-inline"),
+    pytest.param("mysql", f"mysql://dispatcher:test-mysql-user-password-654@{FULLNAME}-mysql:3306/dispatcher",
+                 None, id="internal-mysql"),
+    pytest.param("mysql-external",
+                 "mysql://dispatcher_app:from-dispatcher-db-credentials-password@mysql.db.svc.cluster.local:3306/tokens",
+                 None, id="external-mysql"),
 ])
 def test_sender_configuration_parses_with_the_database_and_broker(rendered: dict[str, Objects], case_id: str,
                                                                   database_url: str, rabbitmq_url: str | None) -> None:
@@ -443,7 +449,7 @@ def test_our_containers_run_as_non_root_on_a_read_only_root(rendered: dict[str, 
             where = f"{workload['metadata']['name']}/{c['name']}"
             assert context.get("allowPrivilegeEscalation") is False, where
             assert "ALL" in context.get("capabilities", {}).get("drop", []), where
-            if image_repository(c) not in (SENDER_IMAGE, CONSUMER_IMAGE, POSTGRES_IMAGE):
+            if image_repository(c) not in (SENDER_IMAGE, CONSUMER_IMAGE, POSTGRES_IMAGE, MYSQL_IMAGE):
                 continue  # vLLM's image runs as root and writes its caches where it likes
             checked += 1
             assert context.get("runAsNonRoot", pod_context.get("runAsNonRoot")) is True, where
@@ -463,6 +469,8 @@ def test_our_containers_run_as_non_root_on_a_read_only_root(rendered: dict[str, 
     pytest.param("default", f"{FULLNAME}-tokens", f"{FULLNAME}-postgresql", "5432", id="internal-database"),
     pytest.param("external-services", "dispatcher-tokens", "postgres.db.svc.cluster.local", "6432",
                  id="external-database"),
+    pytest.param("mysql", f"{FULLNAME}-tokens", f"{FULLNAME}-mysql", "3306", id="internal-mysql"),
+    pytest.param("mysql-external", f"{FULLNAME}-tokens", "mysql.db.svc.cluster.local", "3306", id="external-mysql"),
 ])
 def test_hook_job_waits_for_the_database_then_migrates_and_loads_tokens(rendered: dict[str, Objects], case_id: str,
                                                                       tokens_secret: str, host: str,
@@ -506,6 +514,8 @@ def test_database_wait_script_is_valid_python(rendered: dict[str, Objects]) -> N
                                        "Job": 1}, id="external-services"),
     pytest.param("external-inline-credentials", {"RabbitmqCluster": 0, "Secret": 4}, id="external-inline"),
     pytest.param("monitoring", {"ServiceMonitor": 1, "PodMonitor": 3}, id="monitoring"),
+    pytest.param("mysql", {"StatefulSet": 2, "Service": 3, "Secret": 3, "ConfigMap": 0}, id="mysql"),
+    pytest.param("mysql-external", {"StatefulSet": 1, "Service": 2, "Secret": 2, "ConfigMap": 0}, id="mysql-external"),
 ])
 def test_rendered_object_counts(rendered: dict[str, Objects], case_id: str, kinds: dict[str, int]) -> None:
     counts = {kind: len(find(rendered[case_id], kind)) for kind in kinds}
@@ -523,6 +533,34 @@ def test_internal_database_creates_the_application_user_from_secrets(rendered: d
     script = one(objects, "ConfigMap", f"{FULLNAME}-postgresql-initdb")["data"]["00-create-app-user.sh"]
     assert ':"app_user" LOGIN PASSWORD :\'app_password\'' in script, "psql variables, never interpolated SQL"
     assert db["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "8Gi"
+
+
+def test_internal_mysql_creates_the_application_user_from_secrets(rendered: dict[str, Objects]) -> None:
+    """The official image's entrypoint makes the user and the database from these variables."""
+    objects = rendered["mysql"]
+    db = one(objects, "StatefulSet", f"{FULLNAME}-mysql")
+    (mysql,) = containers(db)
+    assert mysql["image"] == "mysql:8.4"
+    env = {var["name"]: var for var in mysql["env"]}
+    assert env["MYSQL_ROOT_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": f"{FULLNAME}-database",
+                                                                       "key": "mysql-root-password"}
+    assert env["MYSQL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": f"{FULLNAME}-database", "key": "password"}
+    assert env["MYSQL_USER"]["value"] == "dispatcher" and env["MYSQL_DATABASE"]["value"] == "dispatcher"
+    secrets = secret_values(objects)
+    assert secrets[(f"{FULLNAME}-database", "mysql-root-password")] == "test-mysql-root-password-321"
+    assert (f"{FULLNAME}-database", "postgres-password") not in secrets
+    assert not find(objects, "StatefulSet", f"{FULLNAME}-postgresql")
+
+    mounts = {m["mountPath"]: m for m in mysql["volumeMounts"]}
+    assert mounts["/var/lib/mysql"]["subPath"], "MySQL initialises only an empty directory, not a volume's root"
+    volumes = {v["name"]: v for v in pod_template(db)["spec"]["volumes"]}
+    assert volumes[mounts["/docker-entrypoint-initdb.d"]["name"]]["configMap"]["name"] == "dispatcher-mysql-init"
+    assert db["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "8Gi"
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert mysql[probe]["exec"]["command"][:2] == ["mysqladmin", "ping"]
+    service = one(objects, "Service", f"{FULLNAME}-mysql")
+    assert service["spec"]["ports"][0]["port"] == 3306
+    assert labels_match(service["spec"]["selector"], pod_template(db)["metadata"]["labels"])
 
 
 def test_internal_rabbitmq_is_a_cluster_of_the_operator(rendered: dict[str, Objects]) -> None:

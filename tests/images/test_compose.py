@@ -1,5 +1,7 @@
 """compose.yml, read with PyYAML (no container engine here): the services, their order, and the
-variables the sender and consumer get, which must be the ones DESIGN.md defines."""
+variables the sender and consumer get, which must be the ones DESIGN.md defines; and
+compose.mariadb.yml laid over it, as `docker compose -f compose.yml -f compose.mariadb.yml` merges
+them, for a token database on MariaDB."""
 
 from __future__ import annotations
 
@@ -39,6 +41,24 @@ def compose() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "compose.yml").read_text())
 
 
+def merged(base: Any, override: Any) -> Any:
+    """Compose's merge of an override file, for what ours holds: mappings key by key, the rest replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {key: merged(base[key], value) if key in base else value for key, value in
+                {**base, **override}.items()}
+    return override
+
+
+@pytest.fixture(scope="module")
+def compose_mariadb(compose: dict[str, Any]) -> dict[str, Any]:
+    return merged(compose, yaml.safe_load((ROOT / "compose.mariadb.yml").read_text()))
+
+
+def started(compose: dict[str, Any]) -> set[str]:
+    """The services `docker compose up` starts, with no profile given."""
+    return {name for name, service in compose["services"].items() if not service.get("profiles")}
+
+
 def env_of(service: dict[str, Any]) -> dict[str, str]:
     env = service.get("environment", {})
     if isinstance(env, list):
@@ -59,8 +79,7 @@ def command_text(service: dict[str, Any]) -> str:
 def test_services(compose: dict[str, Any]) -> None:
     assert set(compose["services"]) == {"rabbitmq", "postgres", "migrate", "fake-vllm", "consumer", "sender",
                                         "open-webui"}
-    started_by_default = {name for name, service in compose["services"].items() if not service.get("profiles")}
-    assert started_by_default == set(compose["services"]) - {"open-webui"}
+    assert started(compose) == {"rabbitmq", "postgres", "migrate", "fake-vllm", "consumer", "sender"}
 
 
 def test_brokers_have_healthchecks(compose: dict[str, Any]) -> None:
@@ -205,3 +224,36 @@ def test_open_webui_background_tasks_use_a_lower_priority_token(compose: dict[st
 
 def example_tokens() -> dict[str, dict[str, Any]]:
     return {entry["token"]: entry for entry in yaml.safe_load((ROOT / "tokens.example.yaml").read_text())}
+
+
+# compose.mariadb.yml: the same stack with its tokens in MariaDB
+
+def test_mariadb_override_replaces_postgres(compose_mariadb: dict[str, Any]) -> None:
+    services = compose_mariadb["services"]
+    assert started(compose_mariadb) == {"rabbitmq", "mariadb", "migrate", "fake-vllm", "consumer", "sender"}
+    assert re.fullmatch(r"mariadb:1[0-9](\.\d+)*", services["mariadb"]["image"])
+    assert services["mariadb"]["healthcheck"]["test"][0] == "CMD"
+    assert "mariadbdata" in compose_mariadb["volumes"]
+
+
+@pytest.mark.parametrize("name", ["migrate", "sender"])
+def test_mariadb_override_points_the_services_at_mariadb(compose_mariadb: dict[str, Any], name: str) -> None:
+    services = compose_mariadb["services"]
+    mariadb = env_of(services["mariadb"])
+    url = urlsplit(env_of(services[name])["DATABASE_URL"])
+    assert url.scheme == "mysql" and url.hostname == "mariadb" and url.port == 3306
+    assert (url.username, url.password, url.path.lstrip("/")) == (
+        mariadb["MARIADB_USER"], mariadb["MARIADB_PASSWORD"], mariadb["MARIADB_DATABASE"])
+    assert depends(services[name])["mariadb"] == "service_healthy"
+    # postgres is left out by its profile: a dependency on it must not be required any more.
+    assert services[name]["depends_on"]["postgres"]["required"] is False
+    assert not set(env_of(services[name])) - ALLOWED[name]
+
+
+def test_mariadb_override_keeps_the_rest_of_the_stack(compose: dict[str, Any], compose_mariadb: dict[str, Any]) -> None:
+    for name in ("rabbitmq", "fake-vllm", "consumer"):
+        assert compose_mariadb["services"][name] == compose["services"][name]
+    for name in ("migrate", "sender"):
+        base, over = env_of(compose["services"][name]), env_of(compose_mariadb["services"][name])
+        assert {**over, "DATABASE_URL": ""} == {**base, "DATABASE_URL": ""}
+    assert compose_mariadb["services"]["migrate"]["command"] == compose["services"]["migrate"]["command"]

@@ -1,15 +1,20 @@
-"""Real processes on real services: the fake vLLM, `consumer.py` and `sender.py`, RabbitMQ and PostgreSQL.
+"""Real processes on real services: the fake vLLM, `consumer.py` and `sender.py`, RabbitMQ, PostgreSQL
+and MariaDB.
 
 Every test names its own model (`unique_model`), so that tests never see each other's queue.
 A session-wide PostgreSQL schema holds the tokens; `admin.py` creates them like an operator would.
+Tests of the token database itself (`empty_db`, `db`) run once on each database, each in a fresh
+PostgreSQL schema or MariaDB database of its own, dropped afterwards.
 Services are started as subprocesses and awaited through their health routes, never a bare sleep;
 their logs are printed when a test fails.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -17,7 +22,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import asyncmy
+import asyncmy.cursors
 import asyncpg
 import pytest
 
@@ -26,6 +34,8 @@ from tests.helpers import free_port, http, wait_until
 ROOT = Path(__file__).resolve().parents[2]
 RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+MARIADB_URL = os.environ.get("TEST_MARIADB_URL", "mysql://root@127.0.0.1:3306/test")
+DATABASES = ("postgresql", "mariadb")
 
 
 def http_get(url: str, timeout_s: float = 2.0) -> tuple[int, bytes]:
@@ -166,27 +176,105 @@ class Tokens:
         return result.stdout.strip()
 
 
-@pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
-    """A fresh schema in the test database, migrated by `admin.py migrate`, dropped at the end."""
-    import asyncio
+# ---------------------------------------------------------------------------------------------
+# Databases: a fresh PostgreSQL schema or MariaDB database per test (or per session)
 
-    schema = f"it_{uuid.uuid4().hex[:12]}"
+@dataclass(frozen=True)
+class Database:
+    """One fresh database of the test server of `kind`, and `admin.py` pointed at it.
 
-    async def execute(sql: str) -> None:
-        connection = await asyncpg.connect(DATABASE_URL)
+    On PostgreSQL it is a schema, selected by `search_path` in the URL (asyncpg sends it as a
+    server setting); on MariaDB a database of its own.
+    """
+    kind: str
+    name: str
+
+    @property
+    def url(self) -> str:
+        if self.kind == "postgresql":
+            return f"{DATABASE_URL}?search_path={self.name}"
+        return MARIADB_URL.rsplit("/", 1)[0] + "/" + self.name
+
+    def admin(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "admin.py", *args], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "DATABASE_URL": self.url, **env}, timeout=30)
+
+    def ok(self, *args: str, **env: str) -> str:
+        result = self.admin(*args, **env)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def create(self, name: str, priority: int = 5, threshold: int = 10) -> str:
+        return self.ok("create", name, "--priority", str(priority), "--threshold", str(threshold)).strip()
+
+    def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
+        """Rows as dicts; `sql` is written with PostgreSQL's $1, $2... (in order) for either server."""
+        return asyncio.run(server_fetch(self.kind, self.url, sql, *args))
+
+
+async def server_fetch(kind: str, url: str, sql: str, *args: Any) -> list[dict[str, Any]]:
+    if kind == "postgresql":
+        connection = await asyncpg.connect(url)
         try:
-            await connection.execute(sql)
+            return [dict(row) for row in await connection.fetch(sql, *args)]
         finally:
             await connection.close()
+    connection = await mariadb_connect(url)
+    try:
+        async with connection.cursor(asyncmy.cursors.DictCursor) as cursor:
+            await cursor.execute(re.sub(r"\$\d+", "%s", sql), args)
+            return list(await cursor.fetchall())
+    finally:
+        connection.close()
 
-    asyncio.run(execute(f'CREATE SCHEMA "{schema}"'))
-    url = f"{DATABASE_URL}?search_path={schema}"
-    result = subprocess.run([sys.executable, "admin.py", "migrate"], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "DATABASE_URL": url}, timeout=60)
-    assert result.returncode == 0, result.stderr
-    yield url
-    asyncio.run(execute(f'DROP SCHEMA "{schema}" CASCADE'))
+
+async def mariadb_connect(url: str) -> Any:
+    parts = urlsplit(url)
+    return await asyncmy.connect(host=parts.hostname, port=parts.port or 3306, user=parts.username,
+                                 password=parts.password or "", database=parts.path.lstrip("/") or None,
+                                 autocommit=True, init_command="SET time_zone = '+00:00'")
+
+
+def create_database(kind: str, prefix: str) -> Database:
+    database = Database(kind, f"{prefix}_{uuid.uuid4().hex[:12]}")
+    server_url = DATABASE_URL if kind == "postgresql" else MARIADB_URL
+    statement = "SCHEMA" if kind == "postgresql" else "DATABASE"
+    asyncio.run(server_fetch(kind, server_url, f"CREATE {statement} {database.name}"))
+    return database
+
+
+def drop_database(database: Database) -> None:
+    server_url = DATABASE_URL if database.kind == "postgresql" else MARIADB_URL
+    statement = "SCHEMA {} CASCADE" if database.kind == "postgresql" else "DATABASE {}"
+    asyncio.run(server_fetch(database.kind, server_url, "DROP " + statement.format(database.name)))
+
+
+@pytest.fixture(params=DATABASES)
+def empty_db(request: pytest.FixtureRequest) -> Iterator[Database]:
+    """A fresh, empty database on each server in turn; dropped after the test."""
+    database = create_database(request.param, "it")
+    try:
+        yield database
+    finally:
+        drop_database(database)
+
+
+@pytest.fixture
+def db(empty_db: Database) -> Database:
+    """A fresh database migrated by `admin.py migrate`."""
+    empty_db.ok("migrate")
+    return empty_db
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """The session's PostgreSQL schema, migrated by `admin.py migrate`, for the tests that need tokens."""
+    database = create_database("postgresql", "it")
+    try:
+        database.ok("migrate")
+        yield database.url
+    finally:
+        drop_database(database)
 
 
 @pytest.fixture(scope="session")

@@ -1,81 +1,35 @@
-"""`admin.py` as an operator runs it, against the real PostgreSQL, and its token-file parser.
+"""`admin.py` as an operator runs it, against the real PostgreSQL and MariaDB, and its token-file parser.
 
-Every database test gets its own fresh schema (selected through `search_path` in the URL, which
-asyncpg sends as a server setting) and drops it afterwards, so tests never see each other's tokens.
+Every database test runs on both servers, each time in a fresh database of its own (a PostgreSQL
+schema, a MariaDB database: `empty_db` and `db` in conftest.py), dropped afterwards, so tests never
+see each other's tokens.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import asyncpg
 import pytest
 
-from admin import SCHEMA_SQL, hash_token, load_token_entries
+from admin import load_token_entries
 from tests.helpers import free_port
+from tests.integration.conftest import DATABASE_URL, ROOT, Database
+from tokenstore import MySQLDatabase, PostgresDatabase, hash_token
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 SENDER_QUERY = "SELECT name, priority, threshold FROM tokens WHERE token_sha256 = $1 AND revoked_at IS NULL"
+DIALECTS = {"postgresql": PostgresDatabase, "mariadb": MySQLDatabase}
 
 
-async def execute_once(url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
-    connection = await asyncpg.connect(url)
-    try:
-        return await connection.fetch(sql, *args)
-    finally:
-        await connection.close()
-
-
-@dataclass(frozen=True)
-class Database:
-    """One schema of the test database, and `admin.py` pointed at it."""
-    url: str
-
-    def admin(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "admin.py", *args], cwd=ROOT, capture_output=True, text=True,
-                              env={**os.environ, "DATABASE_URL": self.url, **env}, timeout=30)
-
-    def ok(self, *args: str, **env: str) -> str:
-        result = self.admin(*args, **env)
-        assert result.returncode == 0, result.stderr
-        return result.stdout
-
-    def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        return asyncio.run(execute_once(self.url, sql, *args))
-
-    def create(self, name: str, priority: int = 5, threshold: int = 10) -> str:
-        return self.ok("create", name, "--priority", str(priority), "--threshold", str(threshold)).strip()
-
-
-@pytest.fixture
-def empty_db() -> Iterator[Database]:
-    """A fresh, empty schema; dropped after the test."""
-    schema = f"admin_{uuid.uuid4().hex[:12]}"
-    asyncio.run(execute_once(DATABASE_URL, f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield Database(f"{DATABASE_URL}?search_path={schema}")
-    finally:
-        asyncio.run(execute_once(DATABASE_URL, f'DROP SCHEMA "{schema}" CASCADE'))
-
-
-@pytest.fixture
-def db(empty_db: Database) -> Database:
-    """A fresh schema migrated by `admin.py migrate`."""
-    empty_db.ok("migrate")
-    return empty_db
+def run_admin(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "admin.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=30)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
@@ -105,7 +59,7 @@ def test_migrate_twice_is_idempotent(empty_db: Database) -> None:
 
 
 def test_migrate_concurrently_is_safe(empty_db: Database) -> None:
-    """Two install jobs may start at once: the advisory lock serialises them."""
+    """Two install jobs may start at once: a lock (advisory in PostgreSQL, named in MySQL) serialises them."""
     processes = [subprocess.Popen([sys.executable, "admin.py", "migrate"], cwd=ROOT, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, env={**os.environ, "DATABASE_URL": empty_db.url})
                  for _ in range(3)]
@@ -115,8 +69,8 @@ def test_migrate_concurrently_is_safe(empty_db: Database) -> None:
     assert [row["version"] for row in empty_db.fetch("SELECT version FROM schema_version")] == [1]
 
 
-def test_migrate_adopts_a_table_created_from_schema_sql(empty_db: Database) -> None:
-    empty_db.fetch(SCHEMA_SQL)
+def test_migrate_adopts_a_table_created_from_the_first_migration(empty_db: Database) -> None:
+    empty_db.fetch(DIALECTS[empty_db.kind].MIGRATIONS[0])
     empty_db.ok("migrate")
     assert empty_db.fetch("SELECT version FROM schema_version")[0]["version"] == 1
 
@@ -131,14 +85,14 @@ def test_create_prints_token_once_and_stores_only_its_hash(db: Database) -> None
 
     row = db.fetch("SELECT * FROM tokens")[0]
     assert row["token_sha256"] == hashlib.sha256(token.encode()).hexdigest()
-    assert token not in repr(dict(row))
+    assert token not in repr(row)
     found = db.fetch(SENDER_QUERY, hash_token(token))
-    assert [tuple(r) for r in found] == [("alice", 8, 50)]
+    assert [tuple(r.values()) for r in found] == [("alice", 8, 50)]
 
 
 def test_create_with_given_token_stores_its_hash(db: Database) -> None:
     assert db.ok("create", "ci", "--priority", "0", "--threshold", "0", "--token", "sk-given-1") == "sk-given-1\n"
-    assert [tuple(r) for r in db.fetch(SENDER_QUERY, hash_token("sk-given-1"))] == [("ci", 0, 0)]
+    assert [tuple(r.values()) for r in db.fetch(SENDER_QUERY, hash_token("sk-given-1"))] == [("ci", 0, 0)]
 
 
 def test_create_tokens_are_unique(db: Database) -> None:
@@ -216,9 +170,9 @@ def test_revoke_unknown_name_fails(db: Database) -> None:
 def test_update_changes_only_given_values(db: Database) -> None:
     token = db.create("alice", priority=8, threshold=50)
     db.ok("update", "alice", "--threshold", "10")
-    assert tuple(db.fetch(SENDER_QUERY, hash_token(token))[0]) == ("alice", 8, 10)
+    assert tuple(db.fetch(SENDER_QUERY, hash_token(token))[0].values()) == ("alice", 8, 10)
     db.ok("update", "alice", "--priority", "2", "--threshold", "0")
-    assert tuple(db.fetch(SENDER_QUERY, hash_token(token))[0]) == ("alice", 2, 0)
+    assert tuple(db.fetch(SENDER_QUERY, hash_token(token))[0].values()) == ("alice", 2, 0)
 
 
 @pytest.mark.parametrize(("args", "status", "fragment"), [
@@ -232,7 +186,7 @@ def test_update_bad_input_fails(db: Database, args: list[str], status: int, frag
     result = db.admin("update", *args)
     assert result.returncode == status, result.stderr
     assert fragment in result.stderr
-    assert tuple(db.fetch("SELECT priority, threshold FROM tokens")[0]) == (8, 50)
+    assert tuple(db.fetch("SELECT priority, threshold FROM tokens")[0].values()) == (8, 50)
 
 
 def test_load_yaml_upserts_by_name(db: Database, tmp_path: Path) -> None:
@@ -247,9 +201,9 @@ def test_load_yaml_upserts_by_name(db: Database, tmp_path: Path) -> None:
     assert "0 created, 2 updated" in db.ok("load", str(path))
 
     assert db.fetch(SENDER_QUERY, hash_token(old)) == []
-    assert tuple(db.fetch(SENDER_QUERY, hash_token("sk-alice-2"))[0]) == ("alice", 3, 4)
+    assert tuple(db.fetch(SENDER_QUERY, hash_token("sk-alice-2"))[0].values()) == ("alice", 3, 4)
     anonymous = f"token-{hash_token('sk-anonymous')[:8]}"
-    assert tuple(db.fetch(SENDER_QUERY, hash_token("sk-anonymous"))[0]) == (anonymous, 1, 0)
+    assert tuple(db.fetch(SENDER_QUERY, hash_token("sk-anonymous"))[0].values()) == (anonymous, 1, 0)
     assert len(db.fetch("SELECT 1 FROM tokens")) == 2
 
 
@@ -257,7 +211,7 @@ def test_load_json_file(db: Database, tmp_path: Path) -> None:
     path = tmp_path / "tokens.json"
     path.write_text(json.dumps([{"name": "j", "token": "sk-json", "priority": 2, "threshold": 7}]))
     db.ok("load", str(path))
-    assert tuple(db.fetch(SENDER_QUERY, hash_token("sk-json"))[0]) == ("j", 2, 7)
+    assert tuple(db.fetch(SENDER_QUERY, hash_token("sk-json"))[0].values()) == ("j", 2, 7)
 
 
 def test_load_bad_entry_fails_naming_it_and_changes_nothing(db: Database, tmp_path: Path) -> None:
@@ -289,22 +243,33 @@ def test_commands_before_migrate_say_to_migrate(empty_db: Database) -> None:
     assert_one_line_error(empty_db.admin("list"), "migrate")
 
 
-def test_unreachable_database_fails_in_one_line() -> None:
-    url = f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/test"
-    result = Database(url).admin("list")
-    assert_one_line_error(result, "cannot connect")
+@pytest.mark.parametrize(("url", "fragment"), [
+    pytest.param(f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/test", "cannot connect", id="pg-no-server"),
+    pytest.param(f"mysql://root:hunter2@127.0.0.1:{free_port()}/test", "Can't connect", id="mysql-no-server"),
+    pytest.param("mysql://root:hunter2@nosuchhost.invalid:3306/test", "nosuchhost.invalid", id="mysql-bad-host"),
+    pytest.param("mysql://nobody-here:hunter2@127.0.0.1:3306/test", "Access denied", id="mysql-wrong-credentials"),
+    pytest.param("mysql://root:@127.0.0.1:3306/no_such_database_here", "Unknown database", id="mysql-no-database"),
+])
+def test_unreachable_database_fails_in_one_line(url: str, fragment: str) -> None:
+    result = run_admin("list", DATABASE_URL=url)
+    assert_one_line_error(result, "cannot connect to the database", fragment)
     assert "hunter2" not in result.stderr
 
 
 @pytest.mark.parametrize(("env", "fragment"), [
     pytest.param({"DATABASE_URL": ""}, "DATABASE_URL", id="no-database-url"),
-    pytest.param({"DATABASE_URL": "mysql://root@127.0.0.1/test"}, "postgresql://", id="not-postgresql"),
+    pytest.param({"DATABASE_URL": "sqlite:///tokens.db"}, "postgresql:// or mysql://", id="unknown-scheme"),
+    pytest.param({"DATABASE_URL": "mysql://root:hunter2@127.0.0.1:3306"}, "needs a user and a database",
+                 id="mysql-without-database"),
+    pytest.param({"DATABASE_URL": "mysql://root:hunter2@127.0.0.1:3306/test?ssl=1"}, "TLS", id="mysql-parameters"),
+    pytest.param({"DATABASE_URL": "mysql://root:hunter2@127.0.0.1:99999/test"}, "Port", id="bad-port"),
     pytest.param({"MAX_PRIORITY": "many"}, "MAX_PRIORITY", id="bad-max-priority"),
 ])
 def test_bad_configuration_is_a_usage_error(env: dict[str, str], fragment: str) -> None:
-    result = Database(DATABASE_URL).admin("list", **env)
+    result = run_admin("list", **{"DATABASE_URL": DATABASE_URL, **env})
     assert result.returncode == 2, result.stderr
     assert fragment in result.stderr
+    assert "hunter2" not in result.stderr
 
 
 def test_database_url_option_works_after_the_subcommand(db: Database) -> None:

@@ -17,6 +17,7 @@ import pytest
 
 import sender
 from common.messages import Grant
+from tokenstore import TokenTable, hash_token
 
 TOKENS = {
     "sk-high": sender.TokenInfo("high", 9, 100),
@@ -63,17 +64,7 @@ def make_config(**overrides: Any) -> sender.Config:
 
 
 def make_tokens() -> sender.TokenStore:
-    import hashlib
-
-    by_digest = {hashlib.sha256(token.encode()).hexdigest(): info for token, info in TOKENS.items()}
-
-    async def lookup(digest: str) -> sender.TokenInfo | None:
-        return by_digest.get(digest)
-
-    async def ping() -> None:
-        return None
-
-    return sender.TokenStore(lookup, ping, cache_s=30)
+    return sender.TokenStore(30, TokenTable({hash_token(token): info for token, info in TOKENS.items()}))
 
 
 @dataclasses.dataclass

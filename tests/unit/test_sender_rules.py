@@ -114,7 +114,8 @@ def test_origin_host_header(url, host_header) -> None:
 
 @pytest.mark.parametrize(("env", "variable"), [
     pytest.param({}, "DATABASE_URL", id="no-token-source"),
-    pytest.param({"DATABASE_URL": "mysql://x"}, "DATABASE_URL", id="not-postgres"),
+    pytest.param({"DATABASE_URL": "ftp://x"}, "DATABASE_URL", id="unknown-database"),
+    pytest.param({"DATABASE_URL": "mysql://u@db:3306"}, "DATABASE_URL", id="mysql-without-database"),
     pytest.param({"TOKENS_FILE": "t.yaml", "SENDER_PORT": "http"}, "SENDER_PORT", id="port"),
     pytest.param({"TOKENS_FILE": "t.yaml", "GRANT_TIMEOUT": "0"}, "GRANT_TIMEOUT", id="grant-timeout"),
     pytest.param({"TOKENS_FILE": "t.yaml", "MAX_BODY_BYTES": "-1"}, "MAX_BODY_BYTES", id="body-limit"),
@@ -123,6 +124,11 @@ def test_origin_host_header(url, host_header) -> None:
 def test_config_errors_name_the_variable(env, variable) -> None:
     with pytest.raises(sender.ConfigError, match=variable):
         sender.Config.from_env(env)
+
+
+@pytest.mark.parametrize("url", ["postgresql://u:p@db:5432/dispatcher", "mysql://u:p@db:3306/dispatcher"])
+def test_config_takes_either_database(url) -> None:
+    assert sender.Config.from_env({"DATABASE_URL": url}).database_url == url
 
 
 def test_config_defaults_follow_the_design() -> None:
