@@ -705,7 +705,7 @@ class ClientGone(Exception):
 class ClientConnection:
     """One client socket with its h11 state; the only place client-side h11 events are built."""
 
-    __slots__ = ("reader", "writer", "h11", "idle", "status")
+    __slots__ = ("reader", "writer", "h11", "idle", "status", "method")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
@@ -713,16 +713,23 @@ class ClientConnection:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         self.idle = False  # waiting for the first byte of a request: safe to close at shutdown
         self.status = 0    # of the last response the sender answered itself, for the access log
+        self.method = b""  # of the request being answered: a HEAD gets no body
 
-    async def read_head(self) -> Any:
-        """The next request head: the keep-alive timeout runs until its first byte, then the head timeout."""
+    async def read_head(self) -> h11.Request | h11.ConnectionClosed:
+        """The next request head: the keep-alive timeout runs until its first byte, then the head timeout.
+
+        A head that is malformed, too large or framed ambiguously is an ApiError that ends the connection.
+        """
         self.idle = True
         try:
             async with asyncio.timeout(KEEP_ALIVE_TIMEOUT_S) as deadline:
                 while True:
-                    event = self.h11.next_event()
+                    try:
+                        event = self.h11.next_event()
+                    except h11.RemoteProtocolError as exc:
+                        raise malformed_request(exc) from None
                     if event is not h11.NEED_DATA:
-                        return event
+                        break
                     data = await self.reader.read(READ_CHUNK_BYTES)
                     if self.idle:
                         self.idle = False
@@ -730,17 +737,26 @@ class ClientConnection:
                     self.h11.receive_data(data)
         finally:
             self.idle = False
+        if type(event) is h11.Request:
+            self.method = event.method
+            check_head(event)
+        return event
 
     async def next_event(self, timeout_s: float) -> Any:
         """The next event of the request body; each read waits at most `timeout_s`."""
         while True:
-            event = self.h11.next_event()
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as exc:  # a malformed chunked body
+                raise malformed_request(exc) from None
             if event is not h11.NEED_DATA:
                 return event
             if self.h11.they_are_waiting_for_100_continue:
                 await self.send(h11.InformationalResponse(status_code=100, headers=()))
             async with asyncio.timeout(timeout_s):
                 data = await self.reader.read(READ_CHUNK_BYTES)
+            if not data:
+                raise ClientGone()  # in the middle of a body: nothing more can come
             self.h11.receive_data(data)
 
     async def send(self, event: Any) -> None:
@@ -781,11 +797,19 @@ class ClientConnection:
                               body)
 
     async def send_error(self, error: ApiError) -> None:
+        """Answers `error`; a client that has already left is no failure here (the connection ends anyway)."""
         self.status = error.status
-        await self.send_whole(*render_error(error))
+        try:
+            await self.send_whole(*render_error(error))
+        except ClientGone:
+            pass
 
     async def send_whole(self, response: h11.Response, body: bytes) -> None:
-        self.write_all([*self.encode(response), *self.encode(h11.Data(data=body)), *self.encode(h11.EndOfMessage())])
+        """A whole response; to a HEAD request, the same head without the body (RFC 9110 §9.3.2)."""
+        parts = self.encode(response)
+        if self.method != b"HEAD":
+            parts += self.encode(h11.Data(data=body))
+        self.write_all(parts + self.encode(h11.EndOfMessage()))
         await self.drain()
 
     async def close_gracefully(self) -> None:
@@ -808,6 +832,29 @@ class ClientConnection:
 
 def head_size(request: h11.Request) -> int:
     return len(request.target) + sum(len(name) + len(value) + 4 for name, value in request.headers)
+
+
+def malformed_request(exc: h11.RemoteProtocolError) -> ApiError:
+    """h11's verdict on a request it cannot parse, as our error; the connection cannot go on after it."""
+    status = exc.error_status_hint
+    if status == 431:
+        return ApiError(431, "Request header fields too large.", code="bad_http_request", close=True)
+    if status == 501:  # RFC 9112 §6.1: a transfer coding we do not implement (only chunked is)
+        return ApiError(501, f"Unsupported Transfer-Encoding ({exc}).", code="unsupported_transfer_encoding",
+                        close=True)
+    return ApiError(status, f"Malformed HTTP request: {exc}", code="bad_http_request", close=True)
+
+
+def check_head(request: h11.Request) -> None:
+    """The checks h11 leaves to us: the size of a complete head, and framing that could smuggle a request."""
+    if head_size(request) > MAX_HEAD_BYTES:  # h11 bounds only what is still incomplete after a read
+        raise ApiError(431, "Request header fields too large.", code="bad_http_request", close=True)
+    names = {name for name, _ in request.headers}
+    if b"transfer-encoding" in names and (b"content-length" in names or request.http_version == b"1.0"):
+        # h11 frames such a body by Transfer-Encoding; a peer that frames it by Content-Length would
+        # see another request in it. RFC 9112 §6.1 and §6.3: an error, and close after answering.
+        raise ApiError(400, "Malformed HTTP request: Transfer-Encoding together with Content-Length, or in "
+                       "HTTP/1.0.", code="bad_http_request", close=True)
 
 
 def header_value(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -1002,7 +1049,10 @@ async def relay_response(client: ClientConnection, connection: UpstreamConnectio
     upstream = connection.h11
     reader = connection.reader
     while True:
-        event = upstream.next_event()
+        try:
+            event = upstream.next_event()
+        except h11.ProtocolError as exc:  # e.g. vLLM closed the connection in the middle of a chunked body
+            raise UpstreamError(f"vLLM failed mid-response: {exc}", before_response=False) from None
         if event is h11.NEED_DATA:
             client.write_all(out)
             out = []
@@ -1012,10 +1062,7 @@ async def relay_response(client: ClientConnection, connection: UpstreamConnectio
                     data = await reader.read(READ_CHUNK_BYTES)
             except (OSError, TimeoutError) as exc:
                 raise UpstreamError(f"vLLM failed mid-response: {type(exc).__name__}", before_response=False) from None
-            try:
-                upstream.receive_data(data)
-            except h11.ProtocolError as exc:
-                raise UpstreamError(f"vLLM sent a bad response: {exc}", before_response=False) from None
+            upstream.receive_data(data)
             continue
         if type(event) is h11.Data:
             out += client.encode(event)  # h11 events are immutable: vLLM's chunk is sent on as it came
@@ -1123,21 +1170,14 @@ async def serve_connection(service: Service, client: ClientConnection) -> None:
     while not service.shutting_down:
         try:
             event = await client.read_head()
-        except h11.RemoteProtocolError as exc:
-            status = exc.error_status_hint
-            message = "Request header fields too large." if status == 431 else f"Malformed HTTP request: {exc}"
-            await client.send_error(ApiError(status, message, code="bad_http_request", close=True))
+        except ApiError as error:  # malformed, too large, or framed ambiguously: answered, then closed
+            await client.send_error(error)
             await client.close_gracefully()
             return
         except (TimeoutError, ConnectionError):
             return
         if type(event) is not h11.Request:
             return  # the client closed the connection between two requests
-        if head_size(event) > MAX_HEAD_BYTES:  # h11 bounds only what is still incomplete after a read
-            await client.send_error(ApiError(431, "Request header fields too large.", code="bad_http_request",
-                                             close=True))
-            await client.close_gracefully()
-            return
         request = Request(event.method, event.target, list(event.headers), event.http_version)
         outcome: dict[str, Any] = {"model": "-", "priority": "-", "status": 0}
         client.status = 0
@@ -1157,6 +1197,7 @@ async def serve_connection(service: Service, client: ClientConnection) -> None:
                 await client.close_gracefully()
                 return
         except UpstreamError as error:
+            outcome["status"] = 502  # for the log and the metrics; the client sees the connection close
             log.warning("vLLM failed mid-response: %s", error)
             return  # closing without the final chunk: the client sees an error, not a short success
         except TimeoutError:  # the request body stopped arriving (every other wait has its own error)
@@ -1180,8 +1221,8 @@ async def serve_connection(service: Service, client: ClientConnection) -> None:
             log_outcome(service, request, outcome, started)
         if hangup.hung_up:
             return  # the hang-up came after the last await: its cancel is still pending
-        if client.h11.our_state is h11.MUST_CLOSE or client.h11.their_state is not h11.DONE:
-            return
+        if client.h11.our_state is not h11.DONE or client.h11.their_state is not h11.DONE:
+            return  # MUST_CLOSE, or a failed write, or a body left unread
         client.h11.start_next_cycle()
 
 

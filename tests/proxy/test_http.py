@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import h11
@@ -408,3 +409,117 @@ async def test_chunked_request_body_reaches_vllm_whole_with_a_length(start_proxy
     assert body == b'{"model": ' + CHAT[10:]
     assert b"content-length: %d" % len(body) in head.lower() and b"transfer-encoding" not in head.lower()
     writer.close()
+
+
+def post_head(*headers: bytes, version: bytes = b"1.1") -> bytes:
+    """The head of an authenticated JSON POST to the chat route, with `headers` added."""
+    return (b"POST /v1/chat/completions HTTP/" + version + b"\r\nhost: t\r\nauthorization: Bearer sk-high\r\n"
+            b"content-type: application/json\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n")
+
+
+def chunked(body: bytes) -> bytes:
+    return b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+
+
+async def exchange_raw(port: int, data: bytes, timeout_s: float = 5.0) -> bytes:
+    """Sends `data` and reads until the sender closes the connection (a deadline, not a sleep)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    try:
+        return await asyncio.wait_for(reader.read(), timeout_s)
+    finally:
+        writer.close()
+
+
+async def keep_alive_upstream(upstream, answer: bytes):
+    """An upstream that answers `answer` to every request of a connection, for as long as it stays open."""
+    async def handler(reader, writer):
+        while True:
+            try:
+                await scripted.read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(answer)
+            await writer.drain()
+
+    scripted, url = await upstream(handler)
+    return scripted, url
+
+
+@pytest.mark.parametrize("data", [
+    pytest.param(post_head(b"content-length: %d" % len(chunked(CHAT)), b"transfer-encoding: chunked")
+                 + chunked(CHAT), id="length-then-chunked"),
+    pytest.param(post_head(b"transfer-encoding: chunked", b"content-length: 4") + chunked(CHAT), id="chunked-then-length"),
+    pytest.param(post_head(b"transfer-encoding: chunked", version=b"1.0") + chunked(CHAT), id="chunked-in-http-1.0"),
+])
+async def test_ambiguous_framing_is_400_and_nothing_behind_it_is_served(start_proxy, upstream, data) -> None:
+    """RFC 9112 §6.1 and §6.3: both Content-Length and Transfer-Encoding (or chunked in HTTP/1.0) is an
+    error, and the connection closes after the answer: a request smuggled behind it never reaches vLLM."""
+    scripted, url = await keep_alive_upstream(upstream, ok_json())
+    proxy = await start_proxy(url)
+    smuggled = post_head(b"content-length: %d" % len(CHAT)) + CHAT
+    answer = await exchange_raw(proxy.port, data + smuggled)
+    assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1 ") == 1
+    assert b'"code":"bad_http_request"' in answer and b"connection: close" in answer.lower()
+    assert scripted.requests == [] and proxy.capacity.granted == []
+
+
+async def test_malformed_chunked_body_is_400_then_close_without_traceback(start_proxy, caplog) -> None:
+    proxy = await start_proxy("http://127.0.0.1:9")
+    answer = await exchange_raw(proxy.port, post_head(b"transfer-encoding: chunked") + b"zz\r\n{}\r\n0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ") and b'"code":"bad_http_request"' in answer
+    assert proxy.capacity.granted == []
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+async def test_unsupported_transfer_encoding_is_501_envelope_then_close(start_proxy) -> None:
+    proxy = await start_proxy("http://127.0.0.1:9")
+    answer = await exchange_raw(proxy.port, post_head(b"transfer-encoding: gzip") + b"abc")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 501 ") and b"connection: close" in head.lower()
+    error = json.loads(body)["error"]
+    assert error["code"] == "unsupported_transfer_encoding" and "Transfer-Encoding" in error["message"]
+
+
+@pytest.mark.parametrize("path", ["/health/liveness", "/health/readiness", "/v1/models", f"/v1/models/{MODEL}"])
+async def test_head_is_answered_like_get_without_a_body(start_proxy, path, caplog) -> None:
+    proxy = await start_proxy("http://127.0.0.1:9")
+    client = await RawClient.connect(proxy.port)
+    get, get_body = await client.request("GET", path, [AUTH])
+    head, head_body = await client.request("HEAD", path, [AUTH])  # the same connection: kept alive
+    assert head.status_code == get.status_code == 200
+    assert head_body == b"" and header(head, "content-length") == str(len(get_body))
+    assert header(head, "content-type") == "application/json"
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+async def test_head_of_an_error_has_no_body(start_proxy) -> None:
+    proxy = await start_proxy("http://127.0.0.1:9")
+    client = await RawClient.connect(proxy.port)
+    response, body = await client.request("HEAD", "/v1/models", [])
+    assert response.status_code == 401 and body == b""
+    response, body = await client.request("GET", "/health/liveness", [])  # still in step
+    assert response.status_code == 200 and json.loads(body) == {"status": "ok"}
+
+
+async def test_upstream_closing_mid_stream_is_logged_as_upstream_failure(start_proxy, upstream, caplog) -> None:
+    """vLLM dying mid-stream (a clean close, no reset): no traceback, the access log and the metrics say 502,
+    and the client sees the connection closed without the final chunk."""
+    async def handler(reader, writer):
+        await scripted.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                     b"d\r\ndata: first\n\n\r\n")
+        await writer.drain()
+
+    scripted, url = await upstream(handler)
+    proxy = await start_proxy(url)
+    caplog.set_level(logging.INFO, logger="sender")
+    client = await RawClient.connect(proxy.port)
+    with pytest.raises(h11.RemoteProtocolError, match="incomplete chunked read"):
+        await client.request("POST", "/v1/chat/completions", [AUTH, JSON], CHAT)
+    await async_wait_until(lambda: proxy.capacity.released == ["lease-0"], what="the grant released")
+    await async_wait_until(lambda: any("status=" in r.getMessage() for r in caplog.records), what="the access log")
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR or record.exc_info]
+    assert [r.getMessage() for r in caplog.records if "status=" in r.getMessage()][0].split()[4] == "status=502"
+    requests = proxy.server.service.metrics.requests
+    assert requests.labels(MODEL, "502", "9")._value.get() == 1
