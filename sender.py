@@ -69,6 +69,7 @@ UPSTREAM_CONNECT_TIMEOUT_S = 10.0
 UPSTREAM_IDLE_MAX_S = 4.0           # vLLM (uvicorn) drops idle keep-alive connections after 5 s
 UPSTREAM_POOL_SIZE = 64             # idle connections kept per vLLM server
 READ_CHUNK_BYTES = 64 * 1024
+MAX_PIPELINED_BYTES = 64 * 1024       # read ahead of a request still being answered; past it the connection closes after the answer
 QUEUE_LENGTH_REFRESH_S = 0.1
 TOKEN_MISS_CACHE_S = 5.0            # unknown tokens are remembered this long (floods stay off the DB)
 TOKEN_CACHE_MAX_ENTRIES = 100_000
@@ -1221,6 +1222,9 @@ async def serve_connection(service: Service, client: ClientConnection) -> None:
             log_outcome(service, request, outcome, started)
         if hangup.hung_up:
             return  # the hang-up came after the last await: its cancel is still pending
+        if hangup.overflowed:
+            await client.close_gracefully()
+            return
         if client.h11.our_state is not h11.DONE or client.h11.their_state is not h11.DONE:
             return  # MUST_CLOSE, or a failed write, or a body left unread
         client.h11.start_next_cycle()
@@ -1230,10 +1234,13 @@ class HangupWatch:
     """Reads the client socket while its request is being answered, and cancels the handler on EOF.
 
     Started by the handler once the request body is in (until then the handler reads the
-    socket). Pipelined bytes are handed to h11, which keeps them for the next cycle.
+    socket). Pipelined bytes are handed to h11, which keeps them for the next cycle, up to
+    MAX_PIPELINED_BYTES; past that they are read and dropped, so that the watch still sees a
+    hang-up but a flood costs no memory, and the connection closes after the current answer (the
+    client can tell which requests were not answered, RFC 9112 §9.3.2).
     """
 
-    __slots__ = ("client", "handler", "task", "timer", "hung_up")
+    __slots__ = ("client", "handler", "task", "timer", "hung_up", "read_ahead")
 
     def __init__(self, client: ClientConnection, handler: asyncio.Task[Any]) -> None:
         self.client = client
@@ -1241,6 +1248,12 @@ class HangupWatch:
         self.task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.hung_up = False
+        self.read_ahead = 0  # bytes read past the request being answered
+
+    @property
+    def overflowed(self) -> bool:
+        """Pipelined input was dropped: this connection cannot serve another request."""
+        return self.read_ahead > MAX_PIPELINED_BYTES
 
     def start_soon(self) -> None:
         """Starts watching if the request is still being answered after HANGUP_WATCH_DELAY_S: most
@@ -1262,7 +1275,10 @@ class HangupWatch:
                 self.hung_up = True
                 self.handler.cancel()
                 return
-            self.client.h11.receive_data(data)
+            if not self.overflowed:
+                self.read_ahead += len(data)
+                if not self.overflowed:
+                    self.client.h11.receive_data(data)
 
     async def stop(self) -> None:
         if self.timer is not None:

@@ -523,3 +523,63 @@ async def test_upstream_closing_mid_stream_is_logged_as_upstream_failure(start_p
     assert [r.getMessage() for r in caplog.records if "status=" in r.getMessage()][0].split()[4] == "status=502"
     requests = proxy.server.service.metrics.requests
     assert requests.labels(MODEL, "502", "9")._value.get() == 1
+
+
+async def held_stream_upstream(upstream, release: asyncio.Event):
+    """An upstream that streams a first event, holds the stream until `release`, then ends it;
+    it answers every request of a connection that way."""
+    async def handler(reader, writer):
+        while True:
+            try:
+                await scripted.read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                         b"d\r\ndata: first\n\n\r\n")
+            await writer.drain()
+            await release.wait()
+            writer.write(b"c\r\ndata: last\n\n\r\n0\r\n\r\n")
+            await writer.drain()
+
+    scripted, url = await upstream(handler)
+    return scripted, url
+
+
+async def test_pipelined_request_behind_a_stream_is_served_after_it(start_proxy, upstream) -> None:
+    release = asyncio.Event()
+    scripted, url = await held_stream_upstream(upstream, release)
+    proxy = await start_proxy(url)
+    client = await RawClient.connect(proxy.port)
+    request = post_head(b"content-length: %d" % len(CHAT)) + CHAT
+    client.writer.write(request + request)
+    await async_wait_until(lambda: len(scripted.requests) == 1, what="the first request upstream")
+    release.set()
+    for _ in range(2):
+        client.h11.send(h11.Request(method="POST", target="/", headers=[("host", "t"), ("content-length", "0")]))
+        client.h11.send(h11.EndOfMessage())
+        response, body = await client.read_response()
+        assert response.status_code == 200 and body == b"data: first\n\ndata: last\n\n"
+    assert len(scripted.requests) == 2
+
+
+async def test_pipelined_flood_during_a_stream_is_not_buffered(start_proxy, upstream) -> None:
+    """Input pipelined while a response streams is kept up to MAX_PIPELINED_BYTES; past it, the rest is
+    dropped, the response in progress still completes, and the connection closes after it."""
+    release = asyncio.Event()
+    scripted, url = await held_stream_upstream(upstream, release)
+    proxy = await start_proxy(url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    request = post_head(b"content-length: %d" % len(CHAT)) + CHAT
+    writer.write(request)
+    await async_wait_until(lambda: len(scripted.requests) == 1, what="the request upstream")
+    flood = request * (64 * 1024 // len(request))
+    for _ in range(8 * 1024 * 1024 // len(flood)):  # 8 MiB, written as the sender reads it
+        writer.write(flood)
+        await asyncio.wait_for(writer.drain(), 10)
+    [client] = proxy.server.connections.values()
+    assert len(client.h11.trailing_data[0]) <= sender.MAX_PIPELINED_BYTES
+    release.set()
+    answer = await asyncio.wait_for(reader.read(), 10)  # the sender closes after the response
+    assert answer.count(b"HTTP/1.1 ") == 1 and answer.endswith(b"c\r\ndata: last\n\n\r\n0\r\n\r\n")
+    assert len(scripted.requests) == 1
+    writer.close()
