@@ -68,6 +68,7 @@ LINGER_TIMEOUT_S = 2.0              # reading and discarding after an early answ
 UPSTREAM_CONNECT_TIMEOUT_S = 10.0
 UPSTREAM_IDLE_MAX_S = 4.0           # vLLM (uvicorn) drops idle keep-alive connections after 5 s
 UPSTREAM_POOL_SIZE = 64             # idle connections kept per vLLM server
+UPSTREAM_SWEEP_S = 1.0              # idle pooled connections are checked this often for a close by vLLM
 READ_CHUNK_BYTES = 64 * 1024
 MAX_PIPELINED_BYTES = 64 * 1024       # read ahead of a request still being answered; past it the connection closes after the answer
 QUEUE_LENGTH_REFRESH_S = 0.1
@@ -648,16 +649,26 @@ class UpstreamConnection:
     def is_reusable(self) -> bool:
         return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
 
+    def is_fresh(self, now: float) -> bool:
+        """An idle connection still worth sending on: not closed by vLLM, not about to be."""
+        return now - self.idle_since < UPSTREAM_IDLE_MAX_S and not self.reader.at_eof()
+
     def close(self) -> None:
         self.writer.close()
 
 
 class UpstreamPool:
-    """Idle keep-alive connections per vLLM server; no new TCP connection per request."""
+    """Idle keep-alive connections per vLLM server; no new TCP connection per request.
+
+    While the pool holds idle connections, one timer sweeps it every UPSTREAM_SWEEP_S and closes
+    those vLLM has closed (its keep-alive timer; our side would otherwise sit in CLOSE-WAIT until
+    the next request) and those about to be: one timer for the pool, nothing per request.
+    """
 
     def __init__(self) -> None:
         self._idle: dict[Origin, deque[UpstreamConnection]] = {}
         self._tls = ssl.create_default_context()
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def acquire(self, origin: Origin) -> tuple[UpstreamConnection, bool]:
         """A connection to `origin`, and whether it was reused (may have been closed by vLLM)."""
@@ -665,7 +676,7 @@ class UpstreamPool:
         now = time.monotonic()
         while idle:
             connection = idle.pop()
-            if now - connection.idle_since < UPSTREAM_IDLE_MAX_S and not connection.reader.at_eof():
+            if connection.is_fresh(now):
                 return connection, True
             connection.close()
         try:
@@ -688,8 +699,30 @@ class UpstreamPool:
         if len(idle) >= UPSTREAM_POOL_SIZE:
             idle.popleft().close()
         idle.append(connection)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(UPSTREAM_SWEEP_S, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = time.monotonic()
+        for origin, idle in list(self._idle.items()):
+            fresh: deque[UpstreamConnection] = deque()
+            for connection in idle:
+                if connection.is_fresh(now):
+                    fresh.append(connection)
+                else:
+                    connection.close()
+            if fresh:
+                self._idle[origin] = fresh
+            else:
+                del self._idle[origin]
+        if self._idle:
+            self._sweeper = asyncio.get_running_loop().call_later(UPSTREAM_SWEEP_S, self._sweep)
 
     def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for idle in self._idle.values():
             for connection in idle:
                 connection.close()

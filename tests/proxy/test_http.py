@@ -583,3 +583,29 @@ async def test_pipelined_flood_during_a_stream_is_not_buffered(start_proxy, upst
     assert answer.count(b"HTTP/1.1 ") == 1 and answer.endswith(b"c\r\ndata: last\n\n\r\n0\r\n\r\n")
     assert len(scripted.requests) == 1
     writer.close()
+
+
+async def test_pooled_connection_closed_by_vllm_while_idle_is_closed_here_too(start_proxy, upstream,
+                                                                             monkeypatch) -> None:
+    """vLLM closes a keep-alive connection after a while idle; the sender must close its side
+    (not leave it in CLOSE-WAIT until the next request), and the next request still works."""
+    monkeypatch.setattr(sender, "UPSTREAM_SWEEP_S", 0.05)
+    closed_here = asyncio.Event()
+
+    async def handler(reader, writer):
+        await scripted.read_request(reader)
+        writer.write(ok_json())
+        await writer.drain()
+        await asyncio.sleep(0.05)  # this upstream's keep-alive timeout
+        writer.write_eof()
+        if await asyncio.wait_for(reader.read(), 5) == b"":  # the sender's side of the connection closed
+            closed_here.set()
+
+    scripted, url = await upstream(handler)
+    proxy = await start_proxy(url)
+    client = await RawClient.connect(proxy.port)
+    response, _ = await client.request("POST", "/v1/chat/completions", [AUTH, JSON], CHAT)
+    assert response.status_code == 200
+    await asyncio.wait_for(closed_here.wait(), 5)
+    response, _ = await client.request("POST", "/v1/chat/completions", [AUTH, JSON], CHAT)
+    assert response.status_code == 200 and scripted.connections == 2
