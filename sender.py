@@ -755,6 +755,7 @@ class ClientConnection:
         A head that is malformed, too large or framed ambiguously is an ApiError that ends the connection.
         """
         self.idle = True
+        self.method = b""
         try:
             async with asyncio.timeout(KEEP_ALIVE_TIMEOUT_S) as deadline:
                 while True:

@@ -502,6 +502,15 @@ async def test_head_of_an_error_has_no_body(start_proxy) -> None:
     assert response.status_code == 200 and json.loads(body) == {"status": "ok"}
 
 
+async def test_malformed_request_after_a_head_gets_its_error_body(start_proxy, caplog) -> None:
+    proxy = await start_proxy("http://127.0.0.1:9")
+    answer = await exchange_raw(proxy.port, b"HEAD /health/liveness HTTP/1.1\r\nhost: t\r\n\r\nNOT HTTP\r\n\r\n")
+    first, _, second = answer.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200 ") and second.startswith(b"HTTP/1.1 400 ")
+    assert json.loads(second.partition(b"\r\n\r\n")[2])["error"]["code"] == "bad_http_request"
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
 async def test_upstream_closing_mid_stream_is_logged_as_upstream_failure(start_proxy, upstream, caplog) -> None:
     """vLLM dying mid-stream (a clean close, no reset): no traceback, the access log and the metrics say 502,
     and the client sees the connection closed without the final chunk."""
