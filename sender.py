@@ -19,6 +19,9 @@ Invariants:
   leaves before the end, since closing is the only signal on which vLLM aborts a generation.
 - Nothing is retried after a response byte; a pooled connection that fails before the first
   byte is retried once on a fresh one (vLLM closes idle keep-alive connections after 5 s).
+- A request whose framing is in doubt (malformed, or both Content-Length and Transfer-Encoding)
+  is answered with an error and its connection closed: nothing behind it is served. What a client
+  sends ahead while a request is answered is kept up to MAX_PIPELINED_BYTES, never more.
 
 Known limitations: no HTTP/2 and no TLS on the client side (the ingress terminates TLS); requests
 waiting for a grant when the broker connection drops are answered 503 rather than re-published.
