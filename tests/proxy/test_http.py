@@ -82,6 +82,61 @@ def ok_json(body: bytes = b'{"ok":true}') -> bytes:
     return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
 
 
+def post_head(*headers: bytes, version: bytes = b"1.1") -> bytes:
+    """The head of an authenticated JSON POST to the chat route, with `headers` added."""
+    return (b"POST /v1/chat/completions HTTP/" + version + b"\r\nhost: t\r\nauthorization: Bearer sk-high\r\n"
+            b"content-type: application/json\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n")
+
+
+def chunked(body: bytes) -> bytes:
+    return b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+
+
+async def exchange_raw(port: int, data: bytes, timeout_s: float = 5.0) -> bytes:
+    """Sends `data` and reads until the sender closes the connection (a deadline, not a sleep)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    try:
+        return await asyncio.wait_for(reader.read(), timeout_s)
+    finally:
+        writer.close()
+
+
+async def each_request_upstream(upstream, respond: Callable[[asyncio.StreamWriter], Awaitable[None]]):
+    """An upstream that runs `respond` for every request of a connection, for as long as it stays open."""
+    async def handler(reader, writer):
+        while True:
+            try:
+                await scripted.read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            await respond(writer)
+
+    scripted, url = await upstream(handler)
+    return scripted, url
+
+
+async def keep_alive_upstream(upstream, answer: bytes):
+    async def respond(writer):
+        writer.write(answer)
+        await writer.drain()
+
+    return await each_request_upstream(upstream, respond)
+
+
+async def held_stream_upstream(upstream, release: asyncio.Event):
+    """Each answer streams a first event, is held until `release`, then ends."""
+    async def respond(writer):
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                     b"d\r\ndata: first\n\n\r\n")
+        await writer.drain()
+        await release.wait()
+        writer.write(b"c\r\ndata: last\n\n\r\n0\r\n\r\n")
+        await writer.drain()
+
+    return await each_request_upstream(upstream, respond)
+
+
 async def test_request_forwarded_byte_for_byte_with_credentials_replaced(start_proxy, upstream) -> None:
     """The body is the client's bytes; our token, X-Priority and a client X-Vllm-Priority never reach vLLM."""
     scripted, url = await upstream(answer=ok_json())
@@ -148,16 +203,7 @@ async def test_stale_pooled_connection_is_retried_once_on_a_fresh_one(start_prox
 
 
 async def test_upstream_connection_reused_across_requests(start_proxy, upstream) -> None:
-    async def handler(reader, writer):
-        while True:
-            try:
-                await scripted.read_request(reader)
-            except asyncio.IncompleteReadError:
-                return
-            writer.write(ok_json())
-            await writer.drain()
-
-    scripted, url = await upstream(handler)
+    scripted, url = await keep_alive_upstream(upstream, ok_json())
     proxy = await start_proxy(url)
     client = await RawClient.connect(proxy.port)
     for _ in range(20):
@@ -352,17 +398,7 @@ async def test_models_need_a_token_and_list_live_models(start_proxy) -> None:
 async def test_shutdown_closes_idle_connections_and_lets_streams_finish(start_proxy, upstream) -> None:
     """Readiness turns red, idle keep-alive connections close, a response in progress completes."""
     release = asyncio.Event()
-
-    async def handler(reader, writer):
-        await scripted.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-                     b"d\r\ndata: first\n\n\r\n")
-        await writer.drain()
-        await release.wait()
-        writer.write(b"c\r\ndata: last\n\n\r\n0\r\n\r\n")
-        await writer.drain()
-
-    scripted, url = await upstream(handler)
+    scripted, url = await held_stream_upstream(upstream, release)
     proxy = await start_proxy(url)
     idle = await RawClient.connect(proxy.port)
     response, _ = await idle.request("GET", "/health/liveness", [])
@@ -409,41 +445,6 @@ async def test_chunked_request_body_reaches_vllm_whole_with_a_length(start_proxy
     assert body == b'{"model": ' + CHAT[10:]
     assert b"content-length: %d" % len(body) in head.lower() and b"transfer-encoding" not in head.lower()
     writer.close()
-
-
-def post_head(*headers: bytes, version: bytes = b"1.1") -> bytes:
-    """The head of an authenticated JSON POST to the chat route, with `headers` added."""
-    return (b"POST /v1/chat/completions HTTP/" + version + b"\r\nhost: t\r\nauthorization: Bearer sk-high\r\n"
-            b"content-type: application/json\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n")
-
-
-def chunked(body: bytes) -> bytes:
-    return b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
-
-
-async def exchange_raw(port: int, data: bytes, timeout_s: float = 5.0) -> bytes:
-    """Sends `data` and reads until the sender closes the connection (a deadline, not a sleep)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(data)
-    try:
-        return await asyncio.wait_for(reader.read(), timeout_s)
-    finally:
-        writer.close()
-
-
-async def keep_alive_upstream(upstream, answer: bytes):
-    """An upstream that answers `answer` to every request of a connection, for as long as it stays open."""
-    async def handler(reader, writer):
-        while True:
-            try:
-                await scripted.read_request(reader)
-            except asyncio.IncompleteReadError:
-                return
-            writer.write(answer)
-            await writer.drain()
-
-    scripted, url = await upstream(handler)
-    return scripted, url
 
 
 @pytest.mark.parametrize("data", [
@@ -532,26 +533,6 @@ async def test_upstream_closing_mid_stream_is_logged_as_upstream_failure(start_p
     assert [r.getMessage() for r in caplog.records if "status=" in r.getMessage()][0].split()[4] == "status=502"
     requests = proxy.server.service.metrics.requests
     assert requests.labels(MODEL, "502", "9")._value.get() == 1
-
-
-async def held_stream_upstream(upstream, release: asyncio.Event):
-    """An upstream that streams a first event, holds the stream until `release`, then ends it;
-    it answers every request of a connection that way."""
-    async def handler(reader, writer):
-        while True:
-            try:
-                await scripted.read_request(reader)
-            except asyncio.IncompleteReadError:
-                return
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-                         b"d\r\ndata: first\n\n\r\n")
-            await writer.drain()
-            await release.wait()
-            writer.write(b"c\r\ndata: last\n\n\r\n0\r\n\r\n")
-            await writer.drain()
-
-    scripted, url = await upstream(handler)
-    return scripted, url
 
 
 async def test_pipelined_request_behind_a_stream_is_served_after_it(start_proxy, upstream) -> None:
