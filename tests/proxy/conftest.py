@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import hypothesis
 import prometheus_client as prom
 import pytest
 
@@ -123,6 +124,9 @@ async def start_proxy() -> AsyncIterator[Callable[..., Any]]:
 
 
 @pytest.fixture
-def fuzz_examples(request: pytest.FixtureRequest) -> int:
-    """How many inputs the fuzz tests try: `--fuzz-examples=N` (tests/conftest.py), else a CI-sized default."""
-    return request.config.getoption("--fuzz-examples") or 60
+def fuzz_settings(request: pytest.FixtureRequest) -> hypothesis.settings:
+    """A seeded run of 60 inputs (a few seconds, for CI); with `--fuzz-examples=N` (tests/conftest.py), N
+    inputs from a new seed each time (pytest prints it with a failure; `--hypothesis-seed` replays it)."""
+    examples = request.config.getoption("--fuzz-examples")
+    return hypothesis.settings(max_examples=examples or 60, derandomize=examples is None, deadline=None,
+                               database=None, print_blob=True, suppress_health_check=list(hypothesis.HealthCheck))

@@ -17,7 +17,7 @@ the client half-closes and reads until the sender closes. Checked, for every exa
 4. the memory allocated while the connection is served peaks under MEMORY_BOUND_BYTES, however
    many bytes the client sends.
 
-The run is seeded (`derandomize`) and sized for CI; `--fuzz-examples=N` runs longer.
+The run is seeded and sized for CI; `--fuzz-examples=N` runs longer, from a new seed each time.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 
 import h11
 import uvloop
-from hypothesis import HealthCheck, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import sender
@@ -247,7 +247,9 @@ def elements(draw: st.DrawFn) -> Element:
         return Element(INVALID + draw(st.binary(max_size=64)), 0, b"", None, poison=True)
     draft = draw(posts() if kind == "post" else gets())
     broken = set()
-    for name, target, breaks, mutate in draw(st.lists(st.sampled_from(MUTATIONS), max_size=2, unique_by=lambda m: m[0])):
+    mutations = draw(st.lists(st.sampled_from(MUTATIONS), min_size=1, max_size=2, unique_by=lambda m: m[0])
+                     if draw(st.booleans()) else st.just([]))
+    for name, target, breaks, mutate in mutations:
         if applies(target, draft):
             draft = mutate(draw, draft)
             broken.add(breaks)
@@ -258,15 +260,19 @@ def elements(draw: st.DrawFn) -> Element:
                    poison=bool(broken - {None}), tail=len(draft.tail), slow=b"slow=1" in draft.target)
 
 
+def flood(size: int) -> list[Element]:
+    """`size` bytes of garbage behind a request that vLLM answers only once the client has sent them."""
+    slow_post = Draft(b"POST", b"/v1/chat/completions?fuzz=" + MARK + b"&slow=1", (
+        (b"host", b"sender"), (b"authorization", b"Bearer sk-high"), (b"content-length", b"%d" % len(CHAT))), CHAT)
+    data, head_length = slow_post.render()
+    return [Element(data, head_length, b"POST", CHAT, slow=True), Element(b"x" * size, 0, b"", None, poison=True)]
+
+
 @st.composite
 def fuzz_inputs(draw: st.DrawFn) -> FuzzInput:
     drawn = draw(st.lists(elements(), min_size=1, max_size=5))
-    if draw(st.integers(0, 5)) == 0:  # a flood behind a request vLLM answers slowly
-        slow_post = Draft(b"POST", b"/v1/chat/completions?fuzz=" + MARK + b"&slow=1", (
-            (b"host", b"sender"), (b"authorization", b"Bearer sk-high"), (b"content-length", b"%d" % len(CHAT))), CHAT)
-        data, head_length = slow_post.render()
-        drawn = [Element(data, head_length, b"POST", CHAT, slow=True),
-                 Element(b"x" * draw(st.integers(*FLOOD_BYTES)), 0, b"", None, poison=True)]
+    if all(draw(st.booleans()) for _ in range(3)):  # now and then, a flood
+        drawn = flood(draw(st.integers(*FLOOD_BYTES)))
     total = sum(len(e.data) for e in drawn)
     cut = draw(st.one_of(st.none(), st.none(), st.integers(0, max(0, total - 1))))
     splits = tuple(sorted(draw(st.lists(st.integers(1, max(1, total - 1)), max_size=4))))
@@ -540,13 +546,13 @@ async def read_until_closed(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
     return bytes(received), False
 
 
-def test_http_surface_answers_any_input_safely(fuzz_examples: int) -> None:
+def test_http_surface_answers_any_input_safely(fuzz_settings: settings) -> None:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         harness = runner.run(Harness.start())
         try:
-            @settings(max_examples=fuzz_examples, derandomize=True, deadline=None, database=None,
-                      suppress_health_check=list(HealthCheck))
+            @fuzz_settings
             @given(fuzz_inputs())
+            @example(FuzzInput(tuple(flood(FLOOD_BYTES[1])), None, ()))  # the memory bound, in every run
             def answers_safely(fuzz: FuzzInput) -> None:
                 runner.run(harness.exchange(fuzz))
 
