@@ -35,11 +35,10 @@ import uvloop
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-import sender
 from tests.helpers import async_wait_until
 from tests.proxy.conftest import MODEL, Proxy, start_sender, stop_sender
 
-INVALID = b"\x01"                # never part of a request line: what follows a framing error is an error too
+INVALID = b"\x01"                  # never part of a request line: what follows a framing error is an error too
 MARK = b"@@@@@@@@"                 # in each request's target, replaced by a number unique to the run
 MAX_BODY_BYTES = 64 * 1024         # the sender's body limit in this test: bodies stay small, memory too
 MEMORY_BOUND_BYTES = 1536 * 1024   # what serving one connection may allocate at its peak (measured: under 900 KiB)

@@ -599,3 +599,26 @@ async def test_pooled_connection_closed_by_vllm_while_idle_is_closed_here_too(st
     await asyncio.wait_for(closed_here.wait(), 5)
     response, _ = await client.request("POST", "/v1/chat/completions", [AUTH, JSON], CHAT)
     assert response.status_code == 200 and scripted.connections == 2
+
+
+async def test_hangup_after_a_pipelined_flood_still_aborts_the_generation(start_proxy, upstream) -> None:
+    """Past MAX_PIPELINED_BYTES the sender keeps reading (and dropping), so a client leaving is still seen."""
+    async def handler(reader, writer):
+        await scripted.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                     b"d\r\ndata: first\n\n\r\n")
+        await writer.drain()
+        await reader.read()  # generating until the sender closes the connection
+        scripted.closed_by_peer.set()
+
+    scripted, url = await upstream(handler)
+    proxy = await start_proxy(url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(post_head(b"content-length: %d" % len(CHAT)) + CHAT)
+    await reader.readuntil(b"data: first\n\n")
+    for _ in range(32):  # 2 MiB, written as the sender reads it
+        writer.write(b"x" * 64 * 1024)
+        await asyncio.wait_for(writer.drain(), 10)
+    writer.close()
+    await asyncio.wait_for(scripted.closed_by_peer.wait(), 5)
+    await async_wait_until(lambda: proxy.capacity.released == ["lease-0"], what="the grant released")
