@@ -1259,11 +1259,12 @@ async def serve_connection(service: Service, client: ClientConnection) -> None:
             log_outcome(service, request, outcome, started)
         if hangup.hung_up:
             return  # the hang-up came after the last await: its cancel is still pending
-        if hangup.overflowed:
+        if hangup.overflowed or client.h11.our_state is h11.MUST_CLOSE:
+            # The last answer of this connection (pipelined input dropped, `Connection: close`, HTTP/1.0).
             await client.close_gracefully()
             return
         if client.h11.our_state is not h11.DONE or client.h11.their_state is not h11.DONE:
-            return  # MUST_CLOSE, or a failed write, or a body left unread
+            return  # a failed write, or a body left unread
         client.h11.start_next_cycle()
 
 

@@ -622,3 +622,16 @@ async def test_hangup_after_a_pipelined_flood_still_aborts_the_generation(start_
     writer.close()
     await asyncio.wait_for(scripted.closed_by_peer.wait(), 5)
     await async_wait_until(lambda: proxy.capacity.released == ["lease-0"], what="the grant released")
+
+
+@pytest.mark.parametrize("head", [
+    pytest.param(b"GET /health/liveness HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n", id="connection-close"),
+    pytest.param(b"GET /health/liveness HTTP/1.0\r\n\r\n", id="http-1.0"),
+])
+async def test_answer_before_a_close_survives_unread_input(start_proxy, head) -> None:
+    """RFC 9112 §9.6: after the last answer of a connection, the sender closes in stages (stops writing,
+    reads and drops what the client still sends, then closes): closing with unread input would reset
+    the connection and could destroy that answer before the client reads it."""
+    proxy = await start_proxy("http://127.0.0.1:9")
+    answer = await exchange_raw(proxy.port, head + b"x" * 1024 * 1024)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"status":"ok"}')
