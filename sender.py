@@ -19,6 +19,9 @@ Invariants:
   leaves before the end, since closing is the only signal on which vLLM aborts a generation.
 - Nothing is retried after a response byte; a pooled connection that fails before the first
   byte is retried once on a fresh one (vLLM closes idle keep-alive connections after 5 s).
+- A request whose framing is in doubt (malformed, or both Content-Length and Transfer-Encoding)
+  is answered with an error and its connection closed: nothing behind it is served. What a client
+  sends ahead while a request is answered is kept up to MAX_PIPELINED_BYTES, never more.
 
 Known limitations: no HTTP/2 and no TLS on the client side (the ingress terminates TLS).
 """
@@ -68,7 +71,9 @@ LINGER_TIMEOUT_S = 2.0              # reading and discarding after an early answ
 UPSTREAM_CONNECT_TIMEOUT_S = 10.0
 UPSTREAM_IDLE_MAX_S = 4.0           # vLLM (uvicorn) drops idle keep-alive connections after 5 s
 UPSTREAM_POOL_SIZE = 64             # idle connections kept per vLLM server
+UPSTREAM_SWEEP_S = 1.0              # idle pooled connections are checked this often for a close by vLLM
 READ_CHUNK_BYTES = 64 * 1024
+MAX_PIPELINED_BYTES = 64 * 1024       # read ahead of a request still being answered; past it the connection closes after the answer
 RETRY_AFTER_QUEUE_FULL_S = 1
 RETRY_AFTER_UNAVAILABLE_S = 5
 SHUTDOWN_GRACE_S = 25.0
@@ -693,16 +698,26 @@ class UpstreamConnection:
     def is_reusable(self) -> bool:
         return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
 
+    def is_fresh(self, now: float) -> bool:
+        """An idle connection still worth sending on: not closed by vLLM, not about to be."""
+        return now - self.idle_since < UPSTREAM_IDLE_MAX_S and not self.reader.at_eof()
+
     def close(self) -> None:
         self.writer.close()
 
 
 class UpstreamPool:
-    """Idle keep-alive connections per vLLM server; no new TCP connection per request."""
+    """Idle keep-alive connections per vLLM server; no new TCP connection per request.
+
+    While the pool holds idle connections, one timer sweeps it every UPSTREAM_SWEEP_S and closes
+    those vLLM has closed (its keep-alive timer; our side would otherwise sit in CLOSE-WAIT until
+    the next request) and those about to be: one timer for the pool, nothing per request.
+    """
 
     def __init__(self) -> None:
         self._idle: dict[Origin, deque[UpstreamConnection]] = {}
         self._tls = ssl.create_default_context()
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def acquire(self, origin: Origin) -> tuple[UpstreamConnection, bool]:
         """A connection to `origin`, and whether it was reused (may have been closed by vLLM)."""
@@ -710,7 +725,7 @@ class UpstreamPool:
         now = time.monotonic()
         while idle:
             connection = idle.pop()
-            if now - connection.idle_since < UPSTREAM_IDLE_MAX_S and not connection.reader.at_eof():
+            if connection.is_fresh(now):
                 return connection, True
             connection.close()
         try:
@@ -733,8 +748,30 @@ class UpstreamPool:
         if len(idle) >= UPSTREAM_POOL_SIZE:
             idle.popleft().close()
         idle.append(connection)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(UPSTREAM_SWEEP_S, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = time.monotonic()
+        for origin, idle in list(self._idle.items()):
+            fresh: deque[UpstreamConnection] = deque()
+            for connection in idle:
+                if connection.is_fresh(now):
+                    fresh.append(connection)
+                else:
+                    connection.close()
+            if fresh:
+                self._idle[origin] = fresh
+            else:
+                del self._idle[origin]
+        if self._idle:
+            self._sweeper = asyncio.get_running_loop().call_later(UPSTREAM_SWEEP_S, self._sweep)
 
     def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for idle in self._idle.values():
             for connection in idle:
                 connection.close()
@@ -751,7 +788,7 @@ class ClientGone(Exception):
 class ClientConnection:
     """One client socket with its h11 state; the only place client-side h11 events are built."""
 
-    __slots__ = ("reader", "writer", "h11", "idle", "status")
+    __slots__ = ("reader", "writer", "h11", "idle", "status", "method")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
@@ -759,16 +796,24 @@ class ClientConnection:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         self.idle = False  # waiting for the first byte of a request: safe to close at shutdown
         self.status = 0    # of the last response the sender answered itself, for the access log
+        self.method = b""  # of the request being answered: a HEAD gets no body
 
-    async def read_head(self) -> Any:
-        """The next request head: the keep-alive timeout runs until its first byte, then the head timeout."""
+    async def read_head(self) -> h11.Request | h11.ConnectionClosed:
+        """The next request head: the keep-alive timeout runs until its first byte, then the head timeout.
+
+        A head that is malformed, too large or framed ambiguously is an ApiError that ends the connection.
+        """
         self.idle = True
+        self.method = b""
         try:
             async with asyncio.timeout(KEEP_ALIVE_TIMEOUT_S) as deadline:
                 while True:
-                    event = self.h11.next_event()
+                    try:
+                        event = self.h11.next_event()
+                    except h11.RemoteProtocolError as exc:
+                        raise malformed_request(exc) from None
                     if event is not h11.NEED_DATA:
-                        return event
+                        break
                     data = await self.reader.read(READ_CHUNK_BYTES)
                     if self.idle:
                         self.idle = False
@@ -776,17 +821,26 @@ class ClientConnection:
                     self.h11.receive_data(data)
         finally:
             self.idle = False
+        if type(event) is h11.Request:
+            self.method = event.method
+            check_head(event)
+        return event
 
     async def next_event(self, timeout_s: float) -> Any:
         """The next event of the request body; each read waits at most `timeout_s`."""
         while True:
-            event = self.h11.next_event()
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as exc:  # a malformed chunked body
+                raise malformed_request(exc) from None
             if event is not h11.NEED_DATA:
                 return event
             if self.h11.they_are_waiting_for_100_continue:
                 await self.send(h11.InformationalResponse(status_code=100, headers=()))
             async with asyncio.timeout(timeout_s):
                 data = await self.reader.read(READ_CHUNK_BYTES)
+            if not data:
+                raise ClientGone()  # in the middle of a body: nothing more can come
             self.h11.receive_data(data)
 
     async def send(self, event: Any) -> None:
@@ -832,11 +886,19 @@ class ClientConnection:
                               body)
 
     async def send_error(self, error: ApiError) -> None:
+        """Answers `error`; a client that has already left is no failure here (the connection ends anyway)."""
         self.status = error.status
-        await self.send_whole(*render_error(error))
+        try:
+            await self.send_whole(*render_error(error))
+        except ClientGone:
+            pass
 
     async def send_whole(self, response: h11.Response, body: bytes) -> None:
-        self.write_all([*self.encode(response), *self.encode(h11.Data(data=body)), *self.encode(h11.EndOfMessage())])
+        """A whole response; to a HEAD request, the same head without the body (RFC 9110 §9.3.2)."""
+        parts = self.encode(response)
+        if self.method != b"HEAD":
+            parts += self.encode(h11.Data(data=body))
+        self.write_all(parts + self.encode(h11.EndOfMessage()))
         await self.drain()
 
     async def close_gracefully(self) -> None:
@@ -859,6 +921,29 @@ class ClientConnection:
 
 def head_size(request: h11.Request) -> int:
     return len(request.target) + sum(len(name) + len(value) + 4 for name, value in request.headers)
+
+
+def malformed_request(exc: h11.RemoteProtocolError) -> ApiError:
+    """h11's verdict on a request it cannot parse, as our error; the connection cannot go on after it."""
+    status = exc.error_status_hint
+    if status == 431:
+        return ApiError(431, "Request header fields too large.", code="bad_http_request", close=True)
+    if status == 501:  # RFC 9112 §6.1: a transfer coding we do not implement (only chunked is)
+        return ApiError(501, f"Unsupported Transfer-Encoding ({exc}).", code="unsupported_transfer_encoding",
+                        close=True)
+    return ApiError(status, f"Malformed HTTP request: {exc}", code="bad_http_request", close=True)
+
+
+def check_head(request: h11.Request) -> None:
+    """The checks h11 leaves to us: the size of a complete head, and framing that could smuggle a request."""
+    if head_size(request) > MAX_HEAD_BYTES:  # h11 bounds only what is still incomplete after a read
+        raise ApiError(431, "Request header fields too large.", code="bad_http_request", close=True)
+    names = {name for name, _ in request.headers}
+    if b"transfer-encoding" in names and (b"content-length" in names or request.http_version == b"1.0"):
+        # h11 frames such a body by Transfer-Encoding; a peer that frames it by Content-Length would
+        # see another request in it. RFC 9112 §6.1 and §6.3: an error, and close after answering.
+        raise ApiError(400, "Malformed HTTP request: Transfer-Encoding together with Content-Length, or in "
+                       "HTTP/1.0.", code="bad_http_request", close=True)
 
 
 def header_value(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -1087,7 +1172,10 @@ async def relay_response(client: ClientConnection, connection: UpstreamConnectio
     upstream = connection.h11
     reader = connection.reader
     while True:
-        event = upstream.next_event()
+        try:
+            event = upstream.next_event()
+        except h11.ProtocolError as exc:  # e.g. vLLM closed the connection in the middle of a chunked body
+            raise UpstreamError(f"vLLM failed mid-response: {exc}", before_response=False) from None
         if event is h11.NEED_DATA:
             client.write_all(out)
             out = []
@@ -1097,10 +1185,7 @@ async def relay_response(client: ClientConnection, connection: UpstreamConnectio
                     data = await reader.read(READ_CHUNK_BYTES)
             except (OSError, TimeoutError) as exc:
                 raise UpstreamError(f"vLLM failed mid-response: {type(exc).__name__}", before_response=False) from None
-            try:
-                upstream.receive_data(data)
-            except h11.ProtocolError as exc:
-                raise UpstreamError(f"vLLM sent a bad response: {exc}", before_response=False) from None
+            upstream.receive_data(data)
             continue
         if type(event) is h11.Data:
             out += client.encode(event)  # h11 events are immutable: vLLM's chunk is sent on as it came
@@ -1241,21 +1326,14 @@ async def serve_connection(service: Service, client: ClientConnection) -> None:
     while not service.shutting_down:
         try:
             event = await client.read_head()
-        except h11.RemoteProtocolError as exc:
-            status = exc.error_status_hint
-            message = "Request header fields too large." if status == 431 else f"Malformed HTTP request: {exc}"
-            await client.send_error(ApiError(status, message, code="bad_http_request", close=True))
+        except ApiError as error:  # malformed, too large, or framed ambiguously: answered, then closed
+            await client.send_error(error)
             await client.close_gracefully()
             return
         except (TimeoutError, ConnectionError):
             return
         if type(event) is not h11.Request:
             return  # the client closed the connection between two requests
-        if head_size(event) > MAX_HEAD_BYTES:  # h11 bounds only what is still incomplete after a read
-            await client.send_error(ApiError(431, "Request header fields too large.", code="bad_http_request",
-                                             close=True))
-            await client.close_gracefully()
-            return
         request = Request(event.method, event.target, list(event.headers), event.http_version)
         outcome: dict[str, Any] = {"model": "-", "priority": "-", "status": 0}
         client.status = 0
@@ -1275,6 +1353,7 @@ async def serve_connection(service: Service, client: ClientConnection) -> None:
                 await client.close_gracefully()
                 return
         except UpstreamError as error:
+            outcome["status"] = 502  # for the log and the metrics; the client sees the connection close
             log.warning("vLLM failed mid-response: %s", error)
             return  # closing without the final chunk: the client sees an error, not a short success
         except TimeoutError:  # the request body stopped arriving (every other wait has its own error)
@@ -1298,8 +1377,12 @@ async def serve_connection(service: Service, client: ClientConnection) -> None:
             log_outcome(service, request, outcome, started)
         if hangup.hung_up:
             return  # the hang-up came after the last await: its cancel is still pending
-        if client.h11.our_state is h11.MUST_CLOSE or client.h11.their_state is not h11.DONE:
+        if hangup.overflowed or client.h11.our_state is h11.MUST_CLOSE:
+            # The last answer of this connection (pipelined input dropped, `Connection: close`, HTTP/1.0).
+            await client.close_gracefully()
             return
+        if client.h11.our_state is not h11.DONE or client.h11.their_state is not h11.DONE:
+            return  # a failed write, or a body left unread
         client.h11.start_next_cycle()
 
 
@@ -1307,10 +1390,13 @@ class HangupWatch:
     """Reads the client socket while its request is being answered, and cancels the handler on EOF.
 
     Started by the handler once the request body is in (until then the handler reads the
-    socket). Pipelined bytes are handed to h11, which keeps them for the next cycle.
+    socket). Pipelined bytes are handed to h11, which keeps them for the next cycle, up to
+    MAX_PIPELINED_BYTES; past that they are read and dropped, so that the watch still sees a
+    hang-up but a flood costs no memory, and the connection closes after the current answer (the
+    client can tell which requests were not answered, RFC 9112 §9.3.2).
     """
 
-    __slots__ = ("client", "handler", "task", "timer", "hung_up")
+    __slots__ = ("client", "handler", "task", "timer", "hung_up", "read_ahead")
 
     def __init__(self, client: ClientConnection, handler: asyncio.Task[Any]) -> None:
         self.client = client
@@ -1318,6 +1404,12 @@ class HangupWatch:
         self.task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.hung_up = False
+        self.read_ahead = 0  # bytes read past the request being answered
+
+    @property
+    def overflowed(self) -> bool:
+        """Pipelined input was dropped: this connection cannot serve another request."""
+        return self.read_ahead > MAX_PIPELINED_BYTES
 
     def start_soon(self) -> None:
         """Starts watching if the request is still being answered after HANGUP_WATCH_DELAY_S: most
@@ -1339,7 +1431,10 @@ class HangupWatch:
                 self.hung_up = True
                 self.handler.cancel()
                 return
-            self.client.h11.receive_data(data)
+            if not self.overflowed:
+                self.read_ahead += len(data)
+                if not self.overflowed:
+                    self.client.h11.receive_data(data)
 
     async def stop(self) -> None:
         if self.timer is not None:

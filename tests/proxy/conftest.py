@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import hypothesis
 import prometheus_client as prom
 import pytest
 
@@ -78,25 +79,45 @@ class Proxy:
         return f"http://127.0.0.1:{self.port}"
 
 
+async def start_sender(upstream_url: str, *, api_key: str | None = None, vllm_priority: int | None = None,
+                       **overrides: Any) -> Proxy:
+    """The sender on port 0, granting every request at once to `upstream_url`; stop it with `stop_sender`."""
+    capacity = GrantAtOnce(upstream_url, api_key=api_key, vllm_priority=vllm_priority)
+    service = sender.Service(make_config(**overrides), make_tokens(), capacity,  # type: ignore[arg-type]
+                             sender.UpstreamPool(), sender.Metrics.create(prom.CollectorRegistry()),
+                             sender.QueueState("proxy-test"))
+    server = await sender.start_server(service, "127.0.0.1", 0)
+    return Proxy(server.port, capacity, server)
+
+
+async def stop_sender(proxy: Proxy) -> None:
+    server = proxy.server
+    server.server.close()
+    for task in list(server.connections):
+        task.cancel()
+    await asyncio.gather(*server.connections, return_exceptions=True)
+    server.service.upstream.close()
+
+
 @pytest.fixture
 async def start_proxy() -> AsyncIterator[Callable[..., Any]]:
     """Returns `start(upstream_url, **config_overrides) -> Proxy`; everything is shut down after the test."""
-    started: list[tuple[sender.Server, sender.UpstreamPool]] = []
+    started: list[Proxy] = []
 
-    async def start(upstream_url: str, *, api_key: str | None = None, vllm_priority: int | None = None,
-                    **overrides: Any) -> Proxy:
-        capacity = GrantAtOnce(upstream_url, api_key=api_key, vllm_priority=vllm_priority)
-        pool = sender.UpstreamPool()
-        service = sender.Service(make_config(**overrides), make_tokens(), capacity,  # type: ignore[arg-type]
-                                 pool, sender.Metrics.create(prom.CollectorRegistry()), sender.QueueState("proxy-test"))
-        server = await sender.start_server(service, "127.0.0.1", 0)
-        started.append((server, pool))
-        return Proxy(server.port, capacity, server)
+    async def start(upstream_url: str, **options: Any) -> Proxy:
+        proxy = await start_sender(upstream_url, **options)
+        started.append(proxy)
+        return proxy
 
     yield start
-    for server, pool in started:
-        server.server.close()
-        for task in list(server.connections):
-            task.cancel()
-        await asyncio.gather(*server.connections, return_exceptions=True)
-        pool.close()
+    for proxy in started:
+        await stop_sender(proxy)
+
+
+@pytest.fixture
+def fuzz_settings(request: pytest.FixtureRequest) -> hypothesis.settings:
+    """A seeded run of 60 inputs (a few seconds, for CI); with `--fuzz-examples=N` (tests/conftest.py), N
+    inputs from a new seed each time (pytest prints it with a failure; `--hypothesis-seed` replays it)."""
+    examples = request.config.getoption("--fuzz-examples")
+    return hypothesis.settings(max_examples=examples or 60, derandomize=examples is None, deadline=None,
+                               database=None, print_blob=True, suppress_health_check=list(hypothesis.HealthCheck))

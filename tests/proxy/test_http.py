@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import h11
@@ -81,6 +82,61 @@ def ok_json(body: bytes = b'{"ok":true}') -> bytes:
     return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
 
 
+def post_head(*headers: bytes, version: bytes = b"1.1") -> bytes:
+    """The head of an authenticated JSON POST to the chat route, with `headers` added."""
+    return (b"POST /v1/chat/completions HTTP/" + version + b"\r\nhost: t\r\nauthorization: Bearer sk-high\r\n"
+            b"content-type: application/json\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n")
+
+
+def chunked(body: bytes) -> bytes:
+    return b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+
+
+async def exchange_raw(port: int, data: bytes, timeout_s: float = 5.0) -> bytes:
+    """Sends `data` and reads until the sender closes the connection (a deadline, not a sleep)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    try:
+        return await asyncio.wait_for(reader.read(), timeout_s)
+    finally:
+        writer.close()
+
+
+async def each_request_upstream(upstream, respond: Callable[[asyncio.StreamWriter], Awaitable[None]]):
+    """An upstream that runs `respond` for every request of a connection, for as long as it stays open."""
+    async def handler(reader, writer):
+        while True:
+            try:
+                await scripted.read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            await respond(writer)
+
+    scripted, url = await upstream(handler)
+    return scripted, url
+
+
+async def keep_alive_upstream(upstream, answer: bytes):
+    async def respond(writer):
+        writer.write(answer)
+        await writer.drain()
+
+    return await each_request_upstream(upstream, respond)
+
+
+async def held_stream_upstream(upstream, release: asyncio.Event):
+    """Each answer streams a first event, is held until `release`, then ends."""
+    async def respond(writer):
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                     b"d\r\ndata: first\n\n\r\n")
+        await writer.drain()
+        await release.wait()
+        writer.write(b"c\r\ndata: last\n\n\r\n0\r\n\r\n")
+        await writer.drain()
+
+    return await each_request_upstream(upstream, respond)
+
+
 async def test_request_forwarded_byte_for_byte_with_credentials_replaced(start_proxy, upstream) -> None:
     """The body is the client's bytes; our token, X-Priority and a client X-Vllm-Priority never reach vLLM."""
     scripted, url = await upstream(answer=ok_json())
@@ -147,16 +203,7 @@ async def test_stale_pooled_connection_is_retried_once_on_a_fresh_one(start_prox
 
 
 async def test_upstream_connection_reused_across_requests(start_proxy, upstream) -> None:
-    async def handler(reader, writer):
-        while True:
-            try:
-                await scripted.read_request(reader)
-            except asyncio.IncompleteReadError:
-                return
-            writer.write(ok_json())
-            await writer.drain()
-
-    scripted, url = await upstream(handler)
+    scripted, url = await keep_alive_upstream(upstream, ok_json())
     proxy = await start_proxy(url)
     client = await RawClient.connect(proxy.port)
     for _ in range(20):
@@ -351,17 +398,7 @@ async def test_models_need_a_token_and_list_live_models(start_proxy) -> None:
 async def test_shutdown_closes_idle_connections_and_lets_streams_finish(start_proxy, upstream) -> None:
     """Readiness turns red, idle keep-alive connections close, a response in progress completes."""
     release = asyncio.Event()
-
-    async def handler(reader, writer):
-        await scripted.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-                     b"d\r\ndata: first\n\n\r\n")
-        await writer.drain()
-        await release.wait()
-        writer.write(b"c\r\ndata: last\n\n\r\n0\r\n\r\n")
-        await writer.drain()
-
-    scripted, url = await upstream(handler)
+    scripted, url = await held_stream_upstream(upstream, release)
     proxy = await start_proxy(url)
     idle = await RawClient.connect(proxy.port)
     response, _ = await idle.request("GET", "/health/liveness", [])
@@ -408,3 +445,193 @@ async def test_chunked_request_body_reaches_vllm_whole_with_a_length(start_proxy
     assert body == b'{"model": ' + CHAT[10:]
     assert b"content-length: %d" % len(body) in head.lower() and b"transfer-encoding" not in head.lower()
     writer.close()
+
+
+@pytest.mark.parametrize("data", [
+    pytest.param(post_head(b"content-length: %d" % len(chunked(CHAT)), b"transfer-encoding: chunked")
+                 + chunked(CHAT), id="length-then-chunked"),
+    pytest.param(post_head(b"transfer-encoding: chunked", b"content-length: 4") + chunked(CHAT), id="chunked-then-length"),
+    pytest.param(post_head(b"transfer-encoding: chunked", version=b"1.0") + chunked(CHAT), id="chunked-in-http-1.0"),
+])
+async def test_ambiguous_framing_is_400_and_nothing_behind_it_is_served(start_proxy, upstream, data) -> None:
+    """RFC 9112 §6.1 and §6.3: both Content-Length and Transfer-Encoding (or chunked in HTTP/1.0) is an
+    error, and the connection closes after the answer: a request smuggled behind it never reaches vLLM."""
+    scripted, url = await keep_alive_upstream(upstream, ok_json())
+    proxy = await start_proxy(url)
+    smuggled = post_head(b"content-length: %d" % len(CHAT)) + CHAT
+    answer = await exchange_raw(proxy.port, data + smuggled)
+    assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1 ") == 1
+    assert b'"code":"bad_http_request"' in answer and b"connection: close" in answer.lower()
+    assert scripted.requests == [] and proxy.capacity.granted == []
+
+
+async def test_malformed_chunked_body_is_400_then_close_without_traceback(start_proxy, caplog) -> None:
+    proxy = await start_proxy("http://127.0.0.1:9")
+    answer = await exchange_raw(proxy.port, post_head(b"transfer-encoding: chunked") + b"zz\r\n{}\r\n0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ") and b'"code":"bad_http_request"' in answer
+    assert proxy.capacity.granted == []
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+async def test_unsupported_transfer_encoding_is_501_envelope_then_close(start_proxy) -> None:
+    proxy = await start_proxy("http://127.0.0.1:9")
+    answer = await exchange_raw(proxy.port, post_head(b"transfer-encoding: gzip") + b"abc")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 501 ") and b"connection: close" in head.lower()
+    error = json.loads(body)["error"]
+    assert error["code"] == "unsupported_transfer_encoding" and "Transfer-Encoding" in error["message"]
+
+
+@pytest.mark.parametrize("path", ["/health/liveness", "/health/readiness", "/v1/models", f"/v1/models/{MODEL}"])
+async def test_head_is_answered_like_get_without_a_body(start_proxy, path, caplog) -> None:
+    proxy = await start_proxy("http://127.0.0.1:9")
+    client = await RawClient.connect(proxy.port)
+    get, get_body = await client.request("GET", path, [AUTH])
+    head, head_body = await client.request("HEAD", path, [AUTH])  # the same connection: kept alive
+    assert head.status_code == get.status_code == 200
+    assert head_body == b"" and header(head, "content-length") == str(len(get_body))
+    assert header(head, "content-type") == "application/json"
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+async def test_head_of_an_error_has_no_body(start_proxy) -> None:
+    proxy = await start_proxy("http://127.0.0.1:9")
+    client = await RawClient.connect(proxy.port)
+    response, body = await client.request("HEAD", "/v1/models", [])
+    assert response.status_code == 401 and body == b""
+    response, body = await client.request("GET", "/health/liveness", [])  # still in step
+    assert response.status_code == 200 and json.loads(body) == {"status": "ok"}
+
+
+async def test_malformed_request_after_a_head_gets_its_error_body(start_proxy, caplog) -> None:
+    proxy = await start_proxy("http://127.0.0.1:9")
+    answer = await exchange_raw(proxy.port, b"HEAD /health/liveness HTTP/1.1\r\nhost: t\r\n\r\nNOT HTTP\r\n\r\n")
+    first, _, second = answer.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200 ") and second.startswith(b"HTTP/1.1 400 ")
+    assert json.loads(second.partition(b"\r\n\r\n")[2])["error"]["code"] == "bad_http_request"
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+async def test_upstream_closing_mid_stream_is_logged_as_upstream_failure(start_proxy, upstream, caplog) -> None:
+    """vLLM dying mid-stream (a clean close, no reset): no traceback, the access log and the metrics say 502,
+    and the client sees the connection closed without the final chunk."""
+    async def handler(reader, writer):
+        await scripted.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                     b"d\r\ndata: first\n\n\r\n")
+        await writer.drain()
+
+    scripted, url = await upstream(handler)
+    proxy = await start_proxy(url)
+    caplog.set_level(logging.INFO, logger="sender")
+    client = await RawClient.connect(proxy.port)
+    with pytest.raises(h11.RemoteProtocolError, match="incomplete chunked read"):
+        await client.request("POST", "/v1/chat/completions", [AUTH, JSON], CHAT)
+    await async_wait_until(lambda: proxy.capacity.released == ["lease-0"], what="the grant released")
+    await async_wait_until(lambda: any("status=" in r.getMessage() for r in caplog.records), what="the access log")
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR or record.exc_info]
+    assert [r.getMessage() for r in caplog.records if "status=" in r.getMessage()][0].split()[4] == "status=502"
+    requests = proxy.server.service.metrics.requests
+    assert requests.labels(MODEL, "502", "9")._value.get() == 1
+
+
+async def test_pipelined_request_behind_a_stream_is_served_after_it(start_proxy, upstream) -> None:
+    release = asyncio.Event()
+    scripted, url = await held_stream_upstream(upstream, release)
+    proxy = await start_proxy(url)
+    client = await RawClient.connect(proxy.port)
+    request = post_head(b"content-length: %d" % len(CHAT)) + CHAT
+    client.writer.write(request + request)
+    await async_wait_until(lambda: len(scripted.requests) == 1, what="the first request upstream")
+    release.set()
+    for _ in range(2):
+        client.h11.send(h11.Request(method="POST", target="/", headers=[("host", "t"), ("content-length", "0")]))
+        client.h11.send(h11.EndOfMessage())
+        response, body = await client.read_response()
+        assert response.status_code == 200 and body == b"data: first\n\ndata: last\n\n"
+    assert len(scripted.requests) == 2
+
+
+async def test_pipelined_flood_during_a_stream_is_not_buffered(start_proxy, upstream) -> None:
+    """Input pipelined while a response streams is kept up to MAX_PIPELINED_BYTES; past it, the rest is
+    dropped, the response in progress still completes, and the connection closes after it."""
+    release = asyncio.Event()
+    scripted, url = await held_stream_upstream(upstream, release)
+    proxy = await start_proxy(url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    request = post_head(b"content-length: %d" % len(CHAT)) + CHAT
+    writer.write(request)
+    await async_wait_until(lambda: len(scripted.requests) == 1, what="the request upstream")
+    flood = request * (64 * 1024 // len(request))
+    for _ in range(8 * 1024 * 1024 // len(flood)):  # 8 MiB, written as the sender reads it
+        writer.write(flood)
+        await asyncio.wait_for(writer.drain(), 10)
+    [client] = proxy.server.connections.values()
+    assert len(client.h11.trailing_data[0]) <= sender.MAX_PIPELINED_BYTES
+    release.set()
+    answer = await asyncio.wait_for(reader.read(), 10)  # the sender closes after the response
+    assert answer.count(b"HTTP/1.1 ") == 1 and answer.endswith(b"c\r\ndata: last\n\n\r\n0\r\n\r\n")
+    assert len(scripted.requests) == 1
+    writer.close()
+
+
+async def test_pooled_connection_closed_by_vllm_while_idle_is_closed_here_too(start_proxy, upstream,
+                                                                             monkeypatch) -> None:
+    """vLLM closes a keep-alive connection after a while idle; the sender must close its side
+    (not leave it in CLOSE-WAIT until the next request), and the next request still works."""
+    monkeypatch.setattr(sender, "UPSTREAM_SWEEP_S", 0.05)
+    closed_here = asyncio.Event()
+
+    async def handler(reader, writer):
+        await scripted.read_request(reader)
+        writer.write(ok_json())
+        await writer.drain()
+        await asyncio.sleep(0.05)  # this upstream's keep-alive timeout
+        writer.write_eof()
+        if await asyncio.wait_for(reader.read(), 5) == b"":  # the sender's side of the connection closed
+            closed_here.set()
+
+    scripted, url = await upstream(handler)
+    proxy = await start_proxy(url)
+    client = await RawClient.connect(proxy.port)
+    response, _ = await client.request("POST", "/v1/chat/completions", [AUTH, JSON], CHAT)
+    assert response.status_code == 200
+    await asyncio.wait_for(closed_here.wait(), 5)
+    response, _ = await client.request("POST", "/v1/chat/completions", [AUTH, JSON], CHAT)
+    assert response.status_code == 200 and scripted.connections == 2
+
+
+async def test_hangup_after_a_pipelined_flood_still_aborts_the_generation(start_proxy, upstream) -> None:
+    """Past MAX_PIPELINED_BYTES the sender keeps reading (and dropping), so a client leaving is still seen."""
+    async def handler(reader, writer):
+        await scripted.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                     b"d\r\ndata: first\n\n\r\n")
+        await writer.drain()
+        await reader.read()  # generating until the sender closes the connection
+        scripted.closed_by_peer.set()
+
+    scripted, url = await upstream(handler)
+    proxy = await start_proxy(url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(post_head(b"content-length: %d" % len(CHAT)) + CHAT)
+    await reader.readuntil(b"data: first\n\n")
+    for _ in range(32):  # 2 MiB, written as the sender reads it
+        writer.write(b"x" * 64 * 1024)
+        await asyncio.wait_for(writer.drain(), 10)
+    writer.close()
+    await asyncio.wait_for(scripted.closed_by_peer.wait(), 5)
+    await async_wait_until(lambda: proxy.capacity.released == ["lease-0"], what="the grant released")
+
+
+@pytest.mark.parametrize("head", [
+    pytest.param(b"GET /health/liveness HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n", id="connection-close"),
+    pytest.param(b"GET /health/liveness HTTP/1.0\r\n\r\n", id="http-1.0"),
+])
+async def test_answer_before_a_close_survives_unread_input(start_proxy, head) -> None:
+    """RFC 9112 §9.6: after the last answer of a connection, the sender closes in stages (stops writing,
+    reads and drops what the client still sends, then closes): closing with unread input would reset
+    the connection and could destroy that answer before the client reads it."""
+    proxy = await start_proxy("http://127.0.0.1:9")
+    answer = await exchange_raw(proxy.port, head + b"x" * 1024 * 1024)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"status":"ok"}')
