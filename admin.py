@@ -1,10 +1,11 @@
 """The operator's command for the token database: schema migrations and token management.
 
     python admin.py migrate                                   create or upgrade the schema (idempotent)
-    python admin.py create NAME --priority P --threshold T    print a new token once; store its hash
+    python admin.py create NAME --priority P --threshold T [--max-in-flight N]
+                                                              print a new token once; store its hash
     python admin.py list [--json]                             names and settings, never a secret
     python admin.py revoke NAME                               the sender stops accepting it
-    python admin.py update NAME [--priority P] [--threshold T]
+    python admin.py update NAME [--priority P] [--threshold T] [--max-in-flight N (0: no cap)]
     python admin.py load FILE                                 upsert a YAML/JSON token list (Helm job)
 
 The database is `DATABASE_URL` (or `--database-url`): `postgresql://...` or `mysql://...` (MySQL 8,
@@ -46,7 +47,7 @@ SQL_INTEGER_MAX = 2**31 - 1
 NAME_MAX_CHARS = 200
 TOKEN_MAX_CHARS = 4096
 TOKEN_PREFIX = "sk-"
-TOKEN_ENTRY_KEYS = frozenset({"token", "priority", "threshold", "name"})
+TOKEN_ENTRY_KEYS = frozenset({"token", "priority", "threshold", "name", "max_in_flight"})
 
 
 class AdminError(Exception):
@@ -102,15 +103,24 @@ def check_threshold(value: Any) -> int:
     return value
 
 
+def check_max_in_flight(value: Any) -> int | None:
+    """A token's cap of requests per model (waiting or running, all senders); None: no cap."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= SQL_INTEGER_MAX:
+        raise ValueError(f"max_in_flight must be an integer from 1 to {SQL_INTEGER_MAX} (or absent), got {value!r}")
+    return value
+
+
 def default_name(token: str) -> str:
     return f"token-{hash_token(token)[:8]}"
 
 
 def load_token_entries(path: str | os.PathLike[str], max_priority: int | None = None) -> list[dict[str, Any]]:
-    """Reads and validates a YAML or JSON list of `{token, priority, threshold, name}`.
+    """Reads and validates a YAML or JSON list of `{token, priority, threshold, name, max_in_flight}`.
 
     The shape of the Helm chart's `tokens:` value; `name` defaults to `token-<first 8 hex of the
-    hash>`. Returns dicts with all four keys. Raises OSError when the file cannot be read and
+    hash>`, `max_in_flight` to none (no cap). Returns dicts with all five keys. Raises OSError when the file cannot be read and
     ValueError, naming the file and the entry (counted from 1), when it is not valid; neither
     message contains a token. `max_priority` defaults to MAX_PRIORITY from the environment.
     """
@@ -163,14 +173,15 @@ def validate_token_entry(raw: Any, max_priority: int) -> dict[str, Any]:
         raise ValueError("expected a mapping with token, priority, threshold and optionally name")
     unknown = sorted(str(key) for key in raw if key not in TOKEN_ENTRY_KEYS)
     if unknown:
-        raise ValueError(f"unknown key {', '.join(unknown)} (expected token, priority, threshold, name)")
+        raise ValueError(f"unknown key {', '.join(unknown)} (expected token, priority, threshold, name, "
+                         "max_in_flight)")
     for key in ("token", "priority", "threshold"):
         if key not in raw:
             raise ValueError(f"missing {key}")
     token = check_token(raw["token"])
     name = check_name(raw["name"]) if raw.get("name") is not None else default_name(token)
     return {"name": name, "token": token, "priority": check_priority(raw["priority"], max_priority),
-            "threshold": check_threshold(raw["threshold"])}
+            "threshold": check_threshold(raw["threshold"]), "max_in_flight": check_max_in_flight(raw.get("max_in_flight"))}
 
 
 def describe(raw: Any) -> str:
@@ -211,17 +222,19 @@ async def command_create(args: argparse.Namespace, config: Config) -> int:
     name = check_argument(check_name, args.name)
     priority = check_argument(check_priority, args.priority, config.max_priority)
     threshold = check_argument(check_threshold, args.threshold)
+    max_in_flight = check_argument(check_max_in_flight, args.max_in_flight)
     token = check_argument(check_token, args.token) if args.token is not None else generate_token()
     async with connect(config.database_url) as database:
         try:
-            await database.create_token(name, hash_token(token), priority, threshold)
+            await database.create_token(name, hash_token(token), priority, threshold, max_in_flight)
         except TokenConflict as conflict:
             if conflict.name_revoked is None:
                 raise AdminError("this token is already registered under another name") from None
             state = " (revoked)" if conflict.name_revoked else ""
             raise AdminError(f"a token named {name!r} already exists{state}; choose another name") from None
     print(token)
-    print(f"created {name!r} (priority {priority}, threshold {threshold}); the token above is not stored "
+    cap = "" if max_in_flight is None else f", max_in_flight {max_in_flight}"
+    print(f"created {name!r} (priority {priority}, threshold {threshold}{cap}); the token above is not stored "
           f"and will not be shown again", file=sys.stderr)
     return 0
 
@@ -232,9 +245,9 @@ async def command_list(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2 | orjson.OPT_UTC_Z) + b"\n")
         return 0
-    table = [("NAME", "PRIORITY", "THRESHOLD", "CREATED", "REVOKED")]
-    table += [(row.name, str(row.priority), str(row.threshold), format_time(row.created_at),
-               format_time(row.revoked_at)) for row in rows]
+    table = [("NAME", "PRIORITY", "THRESHOLD", "MAX_IN_FLIGHT", "CREATED", "REVOKED")]
+    table += [(row.name, str(row.priority), str(row.threshold), "-" if row.max_in_flight is None else str(row.max_in_flight),
+               format_time(row.created_at), format_time(row.revoked_at)) for row in rows]
     widths = [max(len(line[column]) for line in table) for column in range(len(table[0]))]
     for line in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
@@ -251,10 +264,14 @@ async def command_revoke(args: argparse.Namespace, config: Config) -> int:
 async def command_update(args: argparse.Namespace, config: Config) -> int:
     priority = None if args.priority is None else check_argument(check_priority, args.priority, config.max_priority)
     threshold = None if args.threshold is None else check_argument(check_threshold, args.threshold)
+    max_in_flight = None
+    if args.max_in_flight is not None:  # 0 removes the cap
+        max_in_flight = args.max_in_flight and check_argument(check_max_in_flight, args.max_in_flight)
     async with connect(config.database_url) as database:
-        row = await database.update_token(args.name, priority, threshold)
+        row = await database.update_token(args.name, priority, threshold, max_in_flight)
     state = " (revoked)" if row.revoked_at else ""
-    print(f"updated {args.name!r}: priority {row.priority}, threshold {row.threshold}{state}")
+    cap = "none" if row.max_in_flight is None else row.max_in_flight
+    print(f"updated {args.name!r}: priority {row.priority}, threshold {row.threshold}, max_in_flight {cap}{state}")
     return 0
 
 
@@ -265,7 +282,8 @@ async def command_load(args: argparse.Namespace, config: Config) -> int:
         raise AdminError(f"cannot read {args.file}: {exc.strerror or exc}") from None
     except ValueError as exc:
         raise AdminError(str(exc)) from None
-    rows = [(entry["name"], hash_token(entry["token"]), entry["priority"], entry["threshold"]) for entry in entries]
+    rows = [(entry["name"], hash_token(entry["token"]), entry["priority"], entry["threshold"], entry["max_in_flight"])
+            for entry in entries]
     async with connect(config.database_url) as database:
         try:
             created = await database.load_tokens(rows)
@@ -311,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("name")
     sub.add_argument("--priority", type=int, required=True)
     sub.add_argument("--threshold", type=int, required=True)
+    sub.add_argument("--max-in-flight", type=int,
+                     help="the token's requests per model, waiting or running, over all senders (default: no cap)")
     sub.add_argument("--token", help="use this token instead of a generated sk-... one")
     sub.set_defaults(run=command_create)
 
@@ -322,10 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("name")
     sub.set_defaults(run=command_revoke)
 
-    sub = commands.add_parser("update", parents=[common], help="change a token's priority or threshold")
+    sub = commands.add_parser("update", parents=[common], help="change a token's priority, threshold or cap")
     sub.add_argument("name")
     sub.add_argument("--priority", type=int)
     sub.add_argument("--threshold", type=int)
+    sub.add_argument("--max-in-flight", type=int, help="a new cap; 0 removes it")
     sub.set_defaults(run=command_update)
 
     sub = commands.add_parser("load", parents=[common],
@@ -350,8 +371,8 @@ def read_config(args: argparse.Namespace, parser: argparse.ArgumentParser, env: 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "update" and args.priority is None and args.threshold is None:
-        parser.error("update: give --priority, --threshold or both")
+    if args.command == "update" and args.priority is None and args.threshold is None and args.max_in_flight is None:
+        parser.error("update: give --priority, --threshold, --max-in-flight, or several")
     config = read_config(args, parser, os.environ)
     try:
         return asyncio.run(args.run(args, config))

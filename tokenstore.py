@@ -64,6 +64,7 @@ class TokenRow:
     name: str
     priority: int
     threshold: int
+    max_in_flight: int | None
     created_at: datetime
     revoked_at: datetime | None
 
@@ -155,7 +156,7 @@ class TokenStore:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"TOKENS_FILE: {exc}") from None
         return cls(cache_s, TokenTable({hash_token(entry["token"]): TokenInfo(
-            entry["name"], entry["priority"], entry["threshold"]) for entry in entries}))
+            entry["name"], entry["priority"], entry["threshold"], entry["max_in_flight"]) for entry in entries}))
 
     async def connect(self, url: str) -> None:
         """Opens the database, retrying with a capped, jittered back-off until it answers.
@@ -277,11 +278,19 @@ class Database(Protocol):
     async def ping(self) -> None: ...
     async def find_token(self, digest: str) -> TokenInfo | None: ...
     async def migrate(self) -> tuple[int, int]: ...
-    async def create_token(self, name: str, digest: str, priority: int, threshold: int) -> None: ...
+    async def create_token(self, name: str, digest: str, priority: int, threshold: int,
+                           max_in_flight: int | None = None) -> None: ...
     async def list_tokens(self) -> list[TokenRow]: ...
     async def revoke_token(self, name: str) -> bool: ...
-    async def update_token(self, name: str, priority: int | None, threshold: int | None) -> TokenRow: ...
-    async def load_tokens(self, entries: Sequence[tuple[str, str, int, int]]) -> int: ...
+    async def update_token(self, name: str, priority: int | None, threshold: int | None,
+                           max_in_flight: int | None = None) -> TokenRow: ...
+    async def load_tokens(self, entries: Sequence[TokenEntry]) -> int: ...
+
+
+# What `load_tokens` upserts: name, token hash, priority, threshold, max_in_flight (None: no cap).
+TokenEntry = tuple[str, str, int, int, int | None]
+# `update_token`'s max_in_flight: None keeps the current cap, NO_CAP removes it.
+NO_CAP = 0
 
 
 def database_class(url: str) -> type[PostgresDatabase] | type[MySQLDatabase]:
@@ -334,6 +343,7 @@ class PostgresDatabase:
             revoked_at timestamptz
         )
         """,
+        "ALTER TABLE tokens ADD COLUMN IF NOT EXISTS max_in_flight integer CHECK (max_in_flight >= 1)",
     )
     SCHEMA_VERSION = """
         CREATE TABLE IF NOT EXISTS schema_version (
@@ -390,7 +400,8 @@ class PostgresDatabase:
     async def find_token(self, digest: str) -> TokenInfo | None:
         async with self._connection() as connection:
             row = await connection.fetchrow(
-                "SELECT name, priority, threshold FROM tokens WHERE token_sha256 = $1 AND revoked_at IS NULL", digest)
+                "SELECT name, priority, threshold, max_in_flight FROM tokens WHERE token_sha256 = $1 AND revoked_at IS NULL",
+                digest)
         return None if row is None else TokenInfo(*row)
 
     async def migrate(self) -> tuple[int, int]:
@@ -404,12 +415,13 @@ class PostgresDatabase:
                 await connection.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
         return before, max(before, len(self.MIGRATIONS))
 
-    async def create_token(self, name: str, digest: str, priority: int, threshold: int) -> None:
+    async def create_token(self, name: str, digest: str, priority: int, threshold: int,
+                           max_in_flight: int | None = None) -> None:
         async with self._connection() as connection:
             try:
                 await connection.execute(
-                    "INSERT INTO tokens (name, token_sha256, priority, threshold) VALUES ($1, $2, $3, $4)",
-                    name, digest, priority, threshold)
+                    "INSERT INTO tokens (name, token_sha256, priority, threshold, max_in_flight) "
+                    "VALUES ($1, $2, $3, $4, $5)", name, digest, priority, threshold, max_in_flight)
             except asyncpg.UniqueViolationError:
                 revoked = await connection.fetchval("SELECT revoked_at IS NOT NULL FROM tokens WHERE name = $1", name)
                 raise TokenConflict(name_revoked=revoked) from None
@@ -417,7 +429,7 @@ class PostgresDatabase:
     async def list_tokens(self) -> list[TokenRow]:
         async with self._connection() as connection:
             rows = await connection.fetch(
-                "SELECT name, priority, threshold, created_at, revoked_at FROM tokens ORDER BY name")
+                "SELECT name, priority, threshold, max_in_flight, created_at, revoked_at FROM tokens ORDER BY name")
         return [TokenRow(*row) for row in rows]
 
     async def revoke_token(self, name: str) -> bool:
@@ -430,28 +442,33 @@ class PostgresDatabase:
             raise NoSuchToken(name)
         return row["revoked_now"]
 
-    async def update_token(self, name: str, priority: int | None, threshold: int | None) -> TokenRow:
+    async def update_token(self, name: str, priority: int | None, threshold: int | None,
+                           max_in_flight: int | None = None) -> TokenRow:
         async with self._connection() as connection:
             row = await connection.fetchrow(
-                "UPDATE tokens SET priority = coalesce($2, priority), threshold = coalesce($3, threshold) "
-                "WHERE name = $1 RETURNING name, priority, threshold, created_at, revoked_at", name, priority, threshold)
+                "UPDATE tokens SET priority = coalesce($2, priority), threshold = coalesce($3, threshold), "
+                "max_in_flight = CASE WHEN $4::integer IS NULL THEN max_in_flight ELSE nullif($4::integer, 0) END "
+                "WHERE name = $1 RETURNING name, priority, threshold, max_in_flight, created_at, revoked_at",
+                name, priority, threshold, max_in_flight)
         if row is None:
             raise NoSuchToken(name)
         return TokenRow(*row)
 
-    async def load_tokens(self, entries: Sequence[tuple[str, str, int, int]]) -> int:
+    async def load_tokens(self, entries: Sequence[TokenEntry]) -> int:
         """Upserts by name in one transaction (all or nothing), un-revoking; returns how many were created."""
         created = 0
         async with self._connection() as connection, connection.transaction():
-            for number, (name, digest, priority, threshold) in enumerate(entries, start=1):
+            for number, (name, digest, priority, threshold, max_in_flight) in enumerate(entries, start=1):
                 try:
                     # xmax is 0 on a freshly inserted row: tells an insert from an update in one statement.
                     async with connection.transaction():  # a savepoint, so the error below can still query
                         inserted = await connection.fetchval(
-                            "INSERT INTO tokens (name, token_sha256, priority, threshold) VALUES ($1, $2, $3, $4) "
+                            "INSERT INTO tokens (name, token_sha256, priority, threshold, max_in_flight) "
+                            "VALUES ($1, $2, $3, $4, $5) "
                             "ON CONFLICT (name) DO UPDATE SET token_sha256 = EXCLUDED.token_sha256, "
-                            "priority = EXCLUDED.priority, threshold = EXCLUDED.threshold, revoked_at = NULL "
-                            "RETURNING xmax = 0", name, digest, priority, threshold)
+                            "priority = EXCLUDED.priority, threshold = EXCLUDED.threshold, "
+                            "max_in_flight = EXCLUDED.max_in_flight, revoked_at = NULL "
+                            "RETURNING xmax = 0", name, digest, priority, threshold, max_in_flight)
                 except asyncpg.UniqueViolationError:
                     owner = await connection.fetchval("SELECT name FROM tokens WHERE token_sha256 = $1", digest)
                     raise TokenConflict(owner=owner, entry=number) from None
@@ -486,6 +503,7 @@ class MySQLDatabase:
             UNIQUE KEY tokens_token_sha256 (token_sha256)
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin
         """,
+        "ALTER TABLE tokens ADD COLUMN max_in_flight INT NULL CHECK (max_in_flight >= 1)",
     )
     SCHEMA_VERSION = """
         CREATE TABLE IF NOT EXISTS schema_version (
@@ -561,7 +579,8 @@ class MySQLDatabase:
     async def find_token(self, digest: str) -> TokenInfo | None:
         async with self._cursor() as cursor:
             await cursor.execute(
-                "SELECT name, priority, threshold FROM tokens WHERE token_sha256 = %s AND revoked_at IS NULL", (digest,))
+                "SELECT name, priority, threshold, max_in_flight FROM tokens WHERE token_sha256 = %s "
+                "AND revoked_at IS NULL", (digest,))
             row = await cursor.fetchone()
         return None if row is None else TokenInfo(*row)
 
@@ -582,11 +601,12 @@ class MySQLDatabase:
                 await cursor.execute(f"DO RELEASE_LOCK({self.MIGRATION_LOCK})")
         return before, max(before, len(self.MIGRATIONS))
 
-    async def create_token(self, name: str, digest: str, priority: int, threshold: int) -> None:
+    async def create_token(self, name: str, digest: str, priority: int, threshold: int,
+                           max_in_flight: int | None = None) -> None:
         async with self._cursor() as cursor:
             try:
-                await cursor.execute("INSERT INTO tokens (name, token_sha256, priority, threshold) "
-                                     "VALUES (%s, %s, %s, %s)", (name, digest, priority, threshold))
+                await cursor.execute("INSERT INTO tokens (name, token_sha256, priority, threshold, max_in_flight) "
+                                     "VALUES (%s, %s, %s, %s, %s)", (name, digest, priority, threshold, max_in_flight))
             except asyncmy.errors.IntegrityError:
                 await cursor.execute("SELECT revoked_at IS NOT NULL FROM tokens WHERE name = %s", (name,))
                 row = await cursor.fetchone()
@@ -594,7 +614,8 @@ class MySQLDatabase:
 
     async def list_tokens(self) -> list[TokenRow]:
         async with self._cursor() as cursor:
-            await cursor.execute("SELECT name, priority, threshold, created_at, revoked_at FROM tokens ORDER BY name")
+            await cursor.execute("SELECT name, priority, threshold, max_in_flight, created_at, revoked_at FROM tokens "
+                                 "ORDER BY name")
             rows = await cursor.fetchall()
         return [self._token_row(row) for row in rows]
 
@@ -610,18 +631,21 @@ class MySQLDatabase:
                 raise NoSuchToken(name)
         return False
 
-    async def update_token(self, name: str, priority: int | None, threshold: int | None) -> TokenRow:
+    async def update_token(self, name: str, priority: int | None, threshold: int | None,
+                           max_in_flight: int | None = None) -> TokenRow:
         async with self._transaction() as cursor:
             await cursor.execute("UPDATE tokens SET priority = coalesce(%s, priority), "
-                                 "threshold = coalesce(%s, threshold) WHERE name = %s", (priority, threshold, name))
-            await cursor.execute("SELECT name, priority, threshold, created_at, revoked_at FROM tokens "
+                                 "threshold = coalesce(%s, threshold), "
+                                 "max_in_flight = CASE WHEN %s IS NULL THEN max_in_flight ELSE nullif(%s, 0) END "
+                                 "WHERE name = %s", (priority, threshold, max_in_flight, max_in_flight, name))
+            await cursor.execute("SELECT name, priority, threshold, max_in_flight, created_at, revoked_at FROM tokens "
                                  "WHERE name = %s", (name,))
             row = await cursor.fetchone()
         if row is None:
             raise NoSuchToken(name)
         return self._token_row(row)
 
-    async def load_tokens(self, entries: Sequence[tuple[str, str, int, int]]) -> int:
+    async def load_tokens(self, entries: Sequence[TokenEntry]) -> int:
         """Upserts by name in one transaction (all or nothing), un-revoking; returns how many were created.
 
         Not `ON DUPLICATE KEY UPDATE`: it fires on any unique key, and would move a token that
@@ -629,7 +653,7 @@ class MySQLDatabase:
         """
         created = 0
         async with self._transaction() as cursor:
-            for number, (name, digest, priority, threshold) in enumerate(entries, start=1):
+            for number, (name, digest, priority, threshold, max_in_flight) in enumerate(entries, start=1):
                 await cursor.execute("SELECT name FROM tokens WHERE token_sha256 = %s OR name = %s FOR UPDATE",
                                      (digest, name))
                 holders = {row[0] for row in await cursor.fetchall()}
@@ -637,14 +661,16 @@ class MySQLDatabase:
                     raise TokenConflict(owner=(holders - {name}).pop(), entry=number)
                 if name in holders:
                     await cursor.execute("UPDATE tokens SET token_sha256 = %s, priority = %s, threshold = %s, "
-                                         "revoked_at = NULL WHERE name = %s", (digest, priority, threshold, name))
+                                         "max_in_flight = %s, revoked_at = NULL WHERE name = %s",
+                                         (digest, priority, threshold, max_in_flight, name))
                 else:
-                    await cursor.execute("INSERT INTO tokens (name, token_sha256, priority, threshold) "
-                                         "VALUES (%s, %s, %s, %s)", (name, digest, priority, threshold))
+                    await cursor.execute("INSERT INTO tokens (name, token_sha256, priority, threshold, max_in_flight) "
+                                         "VALUES (%s, %s, %s, %s, %s)", (name, digest, priority, threshold, max_in_flight))
                     created += 1
         return created
 
     @staticmethod
     def _token_row(row: tuple[Any, ...]) -> TokenRow:
-        name, priority, threshold, created_at, revoked_at = row
-        return TokenRow(name, priority, threshold, as_utc(created_at), as_utc(revoked_at))  # type: ignore[arg-type]
+        name, priority, threshold, max_in_flight, created_at, revoked_at = row
+        return TokenRow(name, priority, threshold, max_in_flight, as_utc(created_at),  # type: ignore[arg-type]
+                        as_utc(revoked_at))

@@ -166,6 +166,7 @@ type), port, image, and the Secret key of the internal server's superuser passwo
 {{- range .Values.tokens }}
 {{- $entry := dict "token" (toString .token) "priority" (ternary .priority 1 (hasKey . "priority")) "threshold" (ternary .threshold 10 (hasKey . "threshold")) }}
 {{- if .name }}{{ $_ := set $entry "name" .name }}{{ end }}
+{{- if .max_in_flight }}{{ $_ := set $entry "max_in_flight" (int .max_in_flight) }}{{ end }}
 {{- $entries = append $entries $entry }}
 {{- end }}
 {{- toYaml $entries }}

@@ -45,11 +45,11 @@ MYSQL_IMAGE = "mysql"
 BOTH_ENV = {"RABBITMQ_HOST", "RABBITMQ_PORT", "RABBITMQ_USER", "RABBITMQ_PASSWORD", "LOG_LEVEL",
             "RPC_RECONNECT_ATTEMPTS", "MAX_PRIORITY"}
 CONSUMER_ENV = BOTH_ENV | {"MODEL", "VLLM_URL", "VLLM_API_KEY", "MAX_PARALLEL_REQUESTS",
-                           "MIN_TOKENS_PER_SECOND_PER_USER", "BURST_GRANTS", "METRICS_REFRESH_SECONDS",
+                           "MIN_TOKENS_PER_SECOND_PER_USER", "BURST_GRANTS", "FAIR_SHARE_LEVELS", "METRICS_REFRESH_SECONDS",
                            "RPC_QUEUE_EXPIRATION", "PROBE_PORT", "MAX_VLLM_CONNECTION_ATTEMPTS", "FORWARD_PRIORITY",
                            "LEASE_TIMEOUT_SECONDS"}
 SENDER_ENV = BOTH_ENV | {"SENDER_HOST", "SENDER_PORT", "METRICS_PORT", "DATABASE_URL", "TOKEN_CACHE_SECONDS",
-                         "GRANT_TIMEOUT", "UPSTREAM_TIMEOUT", "MAX_BODY_BYTES"}
+                         "GRANT_TIMEOUT", "PRIORITY_AGING_SECONDS", "UPSTREAM_TIMEOUT", "MAX_BODY_BYTES"}
 # Variables that only exist for Kubernetes' $(VAR) expansion, not read by the services.
 EXPANSION_HELPERS = {"POD_IP", "DB_USER", "DB_PASSWORD"}
 
@@ -383,9 +383,12 @@ def test_tokens_secret_is_what_admin_load_reads(rendered: dict[str, Objects], tm
     entries = admin.load_token_entries(tokens_file, max_priority=10)
     batch_name = admin.default_name("sk-test-batch-0123456789")
     assert entries == [
-        {"name": "interactive", "token": "sk-test-interactive-0123456789", "priority": 9, "threshold": 100},
-        {"name": batch_name, "token": "sk-test-batch-0123456789", "priority": 1, "threshold": 10},
-        {"name": "background", "token": "sk-test-background-0123456789", "priority": 0, "threshold": 0},
+        {"name": "interactive", "token": "sk-test-interactive-0123456789", "priority": 9, "threshold": 100,
+         "max_in_flight": None},
+        {"name": batch_name, "token": "sk-test-batch-0123456789", "priority": 1, "threshold": 10,
+         "max_in_flight": None},
+        {"name": "background", "token": "sk-test-background-0123456789", "priority": 0, "threshold": 0,
+         "max_in_flight": 2},
     ]
 
 

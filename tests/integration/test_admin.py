@@ -51,9 +51,11 @@ def test_help_lists_every_subcommand() -> None:
 
 
 def test_migrate_twice_is_idempotent(empty_db: Database) -> None:
-    assert "version 1" in empty_db.ok("migrate")
+    latest = len(DIALECTS[empty_db.kind].MIGRATIONS)
+    assert f"version {latest}" in empty_db.ok("migrate")
     assert "up to date" in empty_db.ok("migrate")
-    assert [row["version"] for row in empty_db.fetch("SELECT version FROM schema_version")] == [1]
+    assert [row["version"] for row in empty_db.fetch("SELECT version FROM schema_version ORDER BY version")] == list(
+        range(1, latest + 1))
     token = empty_db.create("after-migrations")
     assert empty_db.fetch(SENDER_QUERY, hash_token(token))
 
@@ -66,7 +68,8 @@ def test_migrate_concurrently_is_safe(empty_db: Database) -> None:
     for process in processes:
         _, stderr = process.communicate(timeout=30)
         assert process.returncode == 0, stderr
-    assert [row["version"] for row in empty_db.fetch("SELECT version FROM schema_version")] == [1]
+    assert [row["version"] for row in empty_db.fetch("SELECT version FROM schema_version ORDER BY version")] == list(
+        range(1, len(DIALECTS[empty_db.kind].MIGRATIONS) + 1))
 
 
 def test_migrate_adopts_a_table_created_from_the_first_migration(empty_db: Database) -> None:
@@ -140,16 +143,16 @@ def test_list_shows_settings_but_never_secret_or_hash(db: Database) -> None:
     table = db.ok("list")
     assert token not in table and digest not in table
     lines = table.splitlines()
-    assert lines[0].split() == ["NAME", "PRIORITY", "THRESHOLD", "CREATED", "REVOKED"]
-    assert lines[1].split()[:3] == ["alice", "8", "50"] and lines[1].split()[4] == "-"
-    assert lines[2].split()[:3] == ["bob", "1", "0"] and lines[2].split()[4] != "-"
+    assert lines[0].split() == ["NAME", "PRIORITY", "THRESHOLD", "MAX_IN_FLIGHT", "CREATED", "REVOKED"]
+    assert lines[1].split()[:4] == ["alice", "8", "50", "-"] and lines[1].split()[5] == "-"
+    assert lines[2].split()[:4] == ["bob", "1", "0", "-"] and lines[2].split()[5] != "-"
 
     listed = db.ok("list", "--json")
     assert token not in listed and digest not in listed
     rows = json.loads(listed)
     assert [(r["name"], r["priority"], r["threshold"], r["revoked_at"] is None) for r in rows] == [
         ("alice", 8, 50, True), ("bob", 1, 0, False)]
-    assert set(rows[0]) == {"name", "priority", "threshold", "created_at", "revoked_at"}
+    assert set(rows[0]) == {"name", "priority", "threshold", "max_in_flight", "created_at", "revoked_at"}
 
 
 def test_revoke_hides_token_from_sender_query(db: Database) -> None:
@@ -293,8 +296,8 @@ def test_load_token_entries_reads_yaml_with_defaults(tmp_path: Path) -> None:
     path = write(tmp_path, "t.yaml", "- {name: a, token: sk-a, priority: 10, threshold: 0}\n"
                                      "- {token: sk-b, priority: 0, threshold: 3, name: null}\n")
     assert load_token_entries(path, max_priority=10) == [
-        {"name": "a", "token": "sk-a", "priority": 10, "threshold": 0},
-        {"name": f"token-{hash_token('sk-b')[:8]}", "token": "sk-b", "priority": 0, "threshold": 3},
+        {"name": "a", "token": "sk-a", "priority": 10, "threshold": 0, "max_in_flight": None},
+        {"name": f"token-{hash_token('sk-b')[:8]}", "token": "sk-b", "priority": 0, "threshold": 3, "max_in_flight": None},
     ]
 
 
@@ -340,6 +343,10 @@ def test_load_token_entries_max_priority_defaults_to_env(tmp_path: Path, monkeyp
                  id="threshold-too-large"),
     pytest.param("t.yaml", "- {token: sk-secret, priority: 1, treshold: 1}\n", "unknown key treshold",
                  id="unknown-key"),
+    pytest.param("t.yaml", "- {token: sk-secret, priority: 1, threshold: 1, max_in_flight: 0}\n", "max_in_flight",
+                 id="max-in-flight-zero"),
+    pytest.param("t.yaml", "- {token: sk-secret, priority: 1, threshold: 1, max_in_flight: '4'}\n", "max_in_flight",
+                 id="max-in-flight-string"),
     pytest.param("t.yaml", "- {token: sk-secret, priority: 1, threshold: 1, name: ''}\n", "name",
                  id="empty-name"),
     pytest.param("t.yaml", "- {token: sk-secret, priority: 1, threshold: 1, name: ' x'}\n", "name",
@@ -367,3 +374,21 @@ def test_load_token_entries_rejects_bad_file(tmp_path: Path, name: str, text: st
 def test_load_token_entries_missing_file_raises_oserror(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         load_token_entries(tmp_path / "absent.yaml", max_priority=10)
+
+
+def test_max_in_flight_is_created_updated_removed_and_loaded(db: Database, tmp_path: Path) -> None:
+    """The per-token cap: set at creation, changed, removed with 0, and set by `load` from the chart's
+    tokens list; the sender's query returns it."""
+    token = db.ok("create", "capped", "--priority", "5", "--threshold", "10", "--max-in-flight", "4").strip()
+    caps = "SELECT max_in_flight FROM tokens WHERE name = 'capped'"
+    assert db.fetch(caps)[0]["max_in_flight"] == 4
+    assert "max_in_flight 2" in db.ok("update", "capped", "--max-in-flight", "2")
+    assert db.fetch(caps)[0]["max_in_flight"] == 2
+    assert "max_in_flight 2" in db.ok("update", "capped", "--priority", "6")  # other changes keep the cap
+    assert "max_in_flight none" in db.ok("update", "capped", "--max-in-flight", "0")
+    assert db.fetch(caps)[0]["max_in_flight"] is None
+    assert db.admin("create", "bad", "--priority", "1", "--threshold", "1", "--max-in-flight", "-3").returncode == 1
+    path = tmp_path / "tokens.yaml"
+    path.write_text(f"- {{name: capped, token: {token}, priority: 5, threshold: 10, max_in_flight: 8}}\n")
+    db.ok("load", str(path))
+    assert db.fetch(caps)[0]["max_in_flight"] == 8

@@ -216,3 +216,34 @@ def test_aging_bounds_the_wait_of_a_low_priority_under_endless_high_priority_loa
     finally:
         high.stop()
     assert set(high.statuses) == {200}
+
+
+def test_per_token_cap_holds_over_two_senders(stack: Stack, tokens: Tokens, unique_model: str) -> None:
+    """A token with max_in_flight 2 has one request running and one waiting on one sender: its next request,
+    on another sender, gets 429 token_limit with Retry-After; another token is not affected; once its
+    requests are done, the token is served again."""
+    suffix = uuid.uuid4().hex[:6]
+    result = tokens.admin("create", f"capped-{suffix}", "--priority", "5", "--threshold", "1000",
+                          "--max-in-flight", "2")
+    assert result.returncode == 0, result.stderr
+    capped = result.stdout.strip()
+    _, _, first = stack.served_model(unique_model, capped, STEADY, {"MAX_PARALLEL_REQUESTS": "1"})
+    second = stack.sender()
+    stack.served(second, unique_model, capped)
+    held = client(first, capped).chat.completions.create(model=unique_model, messages=PROMPT, max_tokens=2000,
+                                                         stream=True)
+    next(iter(held))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(client(first, capped).chat.completions.create, model=unique_model, messages=PROMPT,
+                              max_tokens=1)
+        wait_until(lambda: queue_of(second, capped, unique_model)["your_waiting"] == 1, timeout_s=5,
+                   what="the second sender to count the token's waiting request")
+        with pytest.raises(openai.RateLimitError) as caught:
+            client(second, capped).chat.completions.create(model=unique_model, messages=PROMPT, max_tokens=1)
+        assert caught.value.body["code"] == "token_limit"
+        assert int(caught.value.response.headers["retry-after"]) >= 1
+        held.close()
+        assert waiting.result(30).choices
+    wait_until(lambda: queue_of(second, capped, unique_model)["your_running"] == 0, timeout_s=5,
+               what="the token's requests to be done")
+    assert client(second, capped).chat.completions.create(model=unique_model, messages=PROMPT, max_tokens=1).choices
