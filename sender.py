@@ -73,7 +73,7 @@ UPSTREAM_IDLE_MAX_S = 4.0           # vLLM (uvicorn) drops idle keep-alive conne
 UPSTREAM_POOL_SIZE = 64             # idle connections kept per vLLM server
 UPSTREAM_SWEEP_S = 1.0              # idle pooled connections are checked this often for a close by vLLM
 READ_CHUNK_BYTES = 64 * 1024
-MAX_PIPELINED_BYTES = 64 * 1024       # read ahead of a request still being answered; past it the connection closes after the answer
+MAX_PIPELINED_BYTES = 64 * 1024     # read ahead while a request is answered; past it, that answer is the last
 RETRY_AFTER_QUEUE_FULL_S = 1
 RETRY_AFTER_UNAVAILABLE_S = 5
 SHUTDOWN_GRACE_S = 25.0
@@ -1317,7 +1317,9 @@ async def serve_connection(service: Service, client: ClientConnection) -> None:
     own errors go out as an OpenAI envelope only while h11 says a response can still start; after
     the response head has gone out, a failure closes the connection instead (the client sees a
     truncated message, never a false success). A request answered before its body was read ends
-    the connection, gracefully (`close_gracefully`). Once the body is in, a `HangupWatch` reads
+    the connection, gracefully (`close_gracefully`), and so does the last answer of a connection
+    (`Connection: close`, HTTP/1.0, input read ahead past MAX_PIPELINED_BYTES), so that a reset
+    cannot destroy it before the client reads it. Once the body is in, a `HangupWatch` reads
     the socket: if the client hangs up, the handler is cancelled, and its `finally` blocks release
     the grant and close the vLLM connection, which makes vLLM abort the generation.
     """

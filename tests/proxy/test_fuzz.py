@@ -98,6 +98,7 @@ class FuzzInput:
     elements: tuple[Element, ...]
     cut: int | None        # the input ends after this many bytes
     splits: tuple[int, ...]
+    read_late: bool = False  # the client reads only once it has sent everything, as many do
 
 
 def header_values(draft: Draft, name: bytes) -> tuple[bytes, ...]:
@@ -260,23 +261,27 @@ def elements(draw: st.DrawFn) -> Element:
                    poison=bool(broken - {None}), tail=len(draft.tail), slow=b"slow=1" in draft.target)
 
 
-def flood(size: int) -> list[Element]:
-    """`size` bytes of garbage behind a request that vLLM answers only once the client has sent them."""
-    slow_post = Draft(b"POST", b"/v1/chat/completions?fuzz=" + MARK + b"&slow=1", (
-        (b"host", b"sender"), (b"authorization", b"Bearer sk-high"), (b"content-length", b"%d" % len(CHAT))), CHAT)
-    data, head_length = slow_post.render()
-    return [Element(data, head_length, b"POST", CHAT, slow=True), Element(b"x" * size, 0, b"", None, poison=True)]
+def flood(size: int, before: Element | None = None) -> list[Element]:
+    """`size` bytes of garbage behind `before`, by default a request that vLLM answers only once the
+    client has sent them all."""
+    if before is None:
+        slow_post = Draft(b"POST", b"/v1/chat/completions?fuzz=" + MARK + b"&slow=1", (
+            (b"host", b"sender"), (b"authorization", b"Bearer sk-high"), (b"content-length", b"%d" % len(CHAT))),
+            CHAT)
+        data, head_length = slow_post.render()
+        before = Element(data, head_length, b"POST", CHAT, slow=True)
+    return [before, Element(b"x" * size, 0, b"", None, poison=True)]
 
 
 @st.composite
 def fuzz_inputs(draw: st.DrawFn) -> FuzzInput:
     drawn = draw(st.lists(elements(), min_size=1, max_size=5))
     if all(draw(st.booleans()) for _ in range(3)):  # now and then, a flood
-        drawn = flood(draw(st.integers(*FLOOD_BYTES)))
+        drawn = flood(draw(st.integers(*FLOOD_BYTES)), draw(st.sampled_from([None, drawn[0]])))
     total = sum(len(e.data) for e in drawn)
     cut = draw(st.one_of(st.none(), st.none(), st.integers(0, max(0, total - 1))))
     splits = tuple(sorted(draw(st.lists(st.integers(1, max(1, total - 1)), max_size=4))))
-    return FuzzInput(tuple(drawn), cut, splits)
+    return FuzzInput(tuple(drawn), cut, splits, draw(st.booleans()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,27 +475,36 @@ class Harness:
                 may_forward.append(marker)
         return bytes(data if fuzz.cut is None else data[:fuzz.cut]), may_forward, methods
 
+    async def converse(self, data: bytes, splits: tuple[int, ...], read_late: bool) -> tuple[bytes, bool]:
+        """Sends `data` in pieces, half-closes, and reads (meanwhile, or only then) until the sender
+        closes: what it answered, and whether the connection was reset."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.proxy.port)
+        reading = None if read_late else asyncio.create_task(read_until_closed(reader))
+        try:
+            for start, end in itertools.pairwise((0, *[s for s in splits if s < len(data)], len(data))):
+                for offset in range(start, end, 64 * 1024):  # the client's own buffer stays small too
+                    writer.write(data[offset:min(end, offset + 64 * 1024)])
+                    await asyncio.wait_for(writer.drain(), EXCHANGE_TIMEOUT_S)
+            writer.write_eof()
+        except (ConnectionError, RuntimeError):  # uvloop: RuntimeError once the transport closed on a reset
+            pass  # the sender closed early (an error answer, or a reset): what it said is read below
+        finally:
+            self.upstream.client_done.set()
+        try:
+            return await asyncio.wait_for(reading or read_until_closed(reader), EXCHANGE_TIMEOUT_S)
+        finally:
+            writer.close()
+
     async def exchange(self, fuzz: FuzzInput) -> None:
         data, may_forward, methods = self.materialize(fuzz)
         forwarded_before = len(self.upstream.forwarded)
         self.upstream.client_done.clear()
         tracemalloc.start()  # only while the connection is served: it would slow down the generation tenfold
-
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.proxy.port)
-        reading = asyncio.create_task(read_until_closed(reader))
         try:
-            for start, end in itertools.pairwise((0, *[s for s in fuzz.splits if s < len(data)], len(data))):
-                for offset in range(start, end, 64 * 1024):  # the client's own buffer stays small too
-                    writer.write(data[offset:min(end, offset + 64 * 1024)])
-                    await asyncio.wait_for(writer.drain(), EXCHANGE_TIMEOUT_S)
-            writer.write_eof()
-        except ConnectionError:
-            pass  # the sender closed early (an error answer): what it said is read below
-        self.upstream.client_done.set()
-        received, reset = await asyncio.wait_for(reading, EXCHANGE_TIMEOUT_S)
-        writer.close()
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
+            received, reset = await self.converse(data, fuzz.splits, fuzz.read_late)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
         await async_wait_until(lambda: not self.proxy.server.connections, timeout_s=EXCHANGE_TIMEOUT_S,
                                what="the sender to end the connection")
 
