@@ -25,7 +25,8 @@ import pytest
 
 from tests.helpers import free_port, http, wait_until
 from tests.integration.conftest import ROOT
-from tests.vllm.conftest import MAX_MODEL_LEN, VLLMServer, metric_sum, sse_events
+from tests.vllm.conftest import sse_events
+from tests.vllm.server import MAX_MODEL_LEN, VLLMServer, metric_sum
 
 PROMPT = [{"role": "user", "content": "Say something"}]
 KEEP_ALIVE_S = 5.0   # uvicorn's, in vLLM (VLLM_HTTP_TIMEOUT_KEEP_ALIVE)

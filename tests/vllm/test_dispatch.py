@@ -12,7 +12,8 @@ import pytest
 
 from tests.helpers import http, wait_until
 from tests.integration.conftest import Stack, queue_ready_count
-from tests.vllm.conftest import MAX_MODEL_LEN, MAX_NUM_SEQS, Dispatcher, VLLMServer, metric_sum
+from tests.vllm.conftest import Dispatcher
+from tests.vllm.server import MAX_MODEL_LEN, MAX_NUM_SEQS, VLLMServer, metric_sum
 
 PROMPT = [{"role": "user", "content": "Say something"}]
 EXACT = {"ignore_eos": True}     # the random model may emit EOS at any step; lengths are then exact
