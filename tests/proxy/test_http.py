@@ -53,6 +53,14 @@ class ScriptedUpstream:
         self.requests.append(head + body)
         return head + body
 
+    async def each_request(self, reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+        """The requests of one connection, until the proxy closes it."""
+        while True:
+            try:
+                yield await self.read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[Callable[..., Awaitable[tuple[ScriptedUpstream, str]]]]:
@@ -148,11 +156,7 @@ async def test_stale_pooled_connection_is_retried_once_on_a_fresh_one(start_prox
 
 async def test_upstream_connection_reused_across_requests(start_proxy, upstream) -> None:
     async def handler(reader, writer):
-        while True:
-            try:
-                await scripted.read_request(reader)
-            except asyncio.IncompleteReadError:
-                return
+        async for _ in scripted.each_request(reader):
             writer.write(ok_json())
             await writer.drain()
 
@@ -432,11 +436,7 @@ async def test_client_closing_right_after_done_is_a_complete_stream(start_proxy,
     sse_head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 
     async def handler(reader, writer):
-        while True:
-            try:
-                await scripted.read_request(reader)
-            except asyncio.IncompleteReadError:
-                return
+        async for _ in scripted.each_request(reader):
             writer.write(sse_head + b"10\r\ndata: {\"n\": 1}\n\n\r\ne\r\ndata: [DONE]\n\n\r\n")
             await writer.drain()
             await client_gone.wait()  # vLLM's terminator comes after the client has left

@@ -84,21 +84,24 @@ async def test_chat_completion_non_streamed_has_vllm_shape(start_fake: StartFake
     assert "date" in raw_response.http_response.headers
 
 
-async def test_chat_completion_without_max_tokens_runs_to_the_end_of_the_context(start_fake: StartFake) -> None:
-    """The fake model never emits EOS: like vLLM, a request without max_tokens fills the context."""
-    fake = await start_fake(max_model_len=50)
+@pytest.mark.parametrize(("options", "finish_reason", "completion_tokens"), [
+    pytest.param({"max_model_len": 50}, "length", 48, id="no-eos-fills-the-context"),
+    pytest.param({"default_max_tokens": 16}, "stop", 16, id="default-max-tokens-as-an-eos"),
+])
+async def test_chat_completion_without_max_tokens(start_fake: StartFake, options: dict[str, Any], finish_reason: str,
+                                                  completion_tokens: int) -> None:
+    """The fake model never emits EOS: like vLLM then, a request without max_tokens fills the context,
+    unless default_max_tokens stands for an EOS."""
+    fake = await start_fake(**options)
     async with sdk(fake) as client:
         completion = await client.chat.completions.create(messages=HELLO, model="fake-model")  # type: ignore[arg-type]
-    assert completion.choices[0].finish_reason == "length"
-    assert completion.usage is not None and completion.usage.completion_tokens == 48
+    assert completion.choices[0].finish_reason == finish_reason
+    assert completion.usage is not None and completion.usage.completion_tokens == completion_tokens
 
 
-async def test_default_max_tokens_stops_like_an_eos_unless_ignored(start_fake: StartFake) -> None:
+async def test_default_max_tokens_yields_to_max_tokens_and_ignore_eos(start_fake: StartFake) -> None:
     fake = await start_fake(default_max_tokens=16)
     async with sdk(fake) as client:
-        completion = await client.chat.completions.create(messages=HELLO, model="fake-model")  # type: ignore[arg-type]
-        assert completion.choices[0].finish_reason == "stop"
-        assert completion.usage is not None and completion.usage.completion_tokens == 16
         longer = await client.chat.completions.create(messages=HELLO, model="fake-model",  # type: ignore[arg-type]
                                                       max_tokens=20)
         assert longer.usage is not None and longer.usage.completion_tokens == 20
