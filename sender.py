@@ -702,14 +702,16 @@ class UpstreamPool:
     async def _finish(self, connection: UpstreamConnection) -> None:
         """Reads the end of a stream whose client left after its last event: vLLM often writes the
         chunked terminator a moment after `data: [DONE]`. Anything else, or nothing, closes it."""
+        event = None
         try:
             event = await connection.next_event(UPSTREAM_FINISH_TIMEOUT_S)
         except (OSError, TimeoutError, h11.ProtocolError):
-            event = None
-        if type(event) is h11.EndOfMessage:
-            self.release(connection)
-        else:
-            connection.close()
+            pass
+        finally:  # cancelled at shutdown too: the connection is closed then
+            if type(event) is h11.EndOfMessage:
+                self.release(connection)
+            else:
+                connection.close()
 
     def close(self) -> None:
         for task in self._finishing:
