@@ -6,7 +6,8 @@
 # About 3.5 GB and a few minutes the first time; a fraction of a second afterwards.
 #
 #   VLLM_ENV_DIR      the environment's directory (default: as above)
-#   VLLM_ENV_PYTHON   the Python that creates it (default: python3.11, which torch 2.13.0+cpu needs)
+#   VLLM_ENV_PYTHON   the Python that creates it (default: python3.11, or python3 if it is 3.11, as
+#                     the local torch 2.13.0+cpu wheel needs)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -14,15 +15,25 @@ requirements="$root/requirements-vllm.txt"
 digest=$(sha256sum "$requirements" | cut -c1-12)
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/vllm-dispatcher"
 env_dir=${VLLM_ENV_DIR:-$cache/vllm-$digest}
-python=${VLLM_ENV_PYTHON:-python3.11}
+python=${VLLM_ENV_PYTHON:-}
+if [ -z "$python" ]; then  # python3.11, or python3 if that is 3.11
+  for candidate in python3.11 python3; do
+    if command -v "$candidate" >/dev/null && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'
+    then
+      python=$candidate
+      break
+    fi
+  done
+fi
 
 mkdir -p "$(dirname "$env_dir")"
 exec 9>"$env_dir.lock"
 flock 9  # another test run installing the same environment: wait for it
 
 if [ ! -f "$env_dir/.installed" ]; then
-  if ! command -v "$python" >/dev/null; then
-    echo "vllm_env.sh: $python is needed to install vLLM (set VLLM_ENV_PYTHON)" >&2
+  if [ -z "$python" ]; then
+    echo "vllm_env.sh: Python 3.11 is needed to install vLLM (torch 2.13.0+cpu is built for it);" \
+         "set VLLM_ENV_PYTHON" >&2
     exit 1
   fi
   echo "vllm_env.sh: installing vLLM into $env_dir (once; a few minutes)" >&2
