@@ -211,7 +211,7 @@ def test_slots_cap_what_runs_on_vllm(dispatcher: Dispatcher, vllm_server: VLLMSe
     client = dispatcher.client()
 
     def stream() -> int | None:
-        chunks = list(client.chat.completions.create(model=model, messages=PROMPT, max_tokens=400, stream=True,
+        chunks = list(client.chat.completions.create(model=model, messages=PROMPT, max_tokens=300, stream=True,
                                                      stream_options={"include_usage": True}, extra_body=EXACT))
         return chunks[-1].usage.completion_tokens if chunks[-1].usage else None
 
@@ -219,7 +219,7 @@ def test_slots_cap_what_runs_on_vllm(dispatcher: Dispatcher, vllm_server: VLLMSe
         results = [pool.submit(stream) for _ in range(4)]
         wait_until(lambda: queue_ready_count(model) == 2 and vllm_server.running() == 2, timeout_s=30,
                    what="two requests running and two waiting")
-        assert [result.result(timeout=120) for result in results] == [400] * 4
+        assert [result.result(timeout=300) for result in results] == [300] * 4
     wait_until(lambda: metric_sum(consumer.metrics_url, "dispatcher_consumer_slots_used") == 0, timeout_s=10,
                what="the slots to be free")
 
