@@ -9,7 +9,7 @@ USERS ?= 24
 SECONDS ?= 30
 HOST ?= http://localhost:8080
 
-.PHONY: run test unit bench bench-short locust clean
+.PHONY: run test unit vllm-env bench bench-short locust clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,22 +21,31 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 run: $(VENV)/.installed
 	$(PY) scripts/run_local.py
 
-# The whole test suite, after starting RabbitMQ, PostgreSQL and MariaDB if they are down.
-test: $(VENV)/.installed
+# The whole test suite, after starting RabbitMQ, PostgreSQL and MariaDB if they are down and installing
+# vLLM for tests/vllm into its own cached environment (once per machine; see scripts/vllm_env.sh).
+test: $(VENV)/.installed vllm-env
 	bash scripts/services.sh
 	$(PY) -m pytest
+
+# vLLM (CPU build) for the real-vLLM tests and benchmark: a few minutes the first time, then nothing.
+vllm-env:
+	bash scripts/vllm_env.sh >/dev/null
 
 # Tests that need no service.
 unit: $(VENV)/.installed
 	$(PY) -m pytest tests/unit tests/proxy
 
-# The dispatcher against the fake vLLM directly and against its floor (bench/RESULTS.md); needs wrk.
-bench: $(VENV)/.installed
+# The dispatcher against the fake vLLM directly and against its floor, then against the real vLLM
+# (bench/RESULTS.md); needs wrk.
+bench: $(VENV)/.installed vllm-env
 	$(PY) bench/run.py
+	$(PY) bench/real_vllm.py
 
-# The same in a few seconds per workload (CI keeps it working; timings are not judged there).
-bench-short: $(VENV)/.installed
+# The same in a few seconds per workload, and a minute of the real vLLM (CI keeps them working;
+# timings are not judged there).
+bench-short: $(VENV)/.installed vllm-env
 	$(PY) bench/run.py --short
+	$(PY) bench/real_vllm.py --short
 
 $(LOCUST_VENV)/.installed: bench/requirements-locust.txt
 	$(PYTHON) -m venv $(LOCUST_VENV)

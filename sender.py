@@ -72,6 +72,7 @@ UPSTREAM_CONNECT_TIMEOUT_S = 10.0
 UPSTREAM_IDLE_MAX_S = 4.0           # vLLM (uvicorn) drops idle keep-alive connections after 5 s
 UPSTREAM_POOL_SIZE = 64             # idle connections kept per vLLM server
 UPSTREAM_SWEEP_S = 1.0              # idle pooled connections are checked this often for a close by vLLM
+UPSTREAM_FINISH_TIMEOUT_S = 1.0     # for vLLM's chunked terminator after `data: [DONE]`, once the client left
 READ_CHUNK_BYTES = 64 * 1024
 MAX_PIPELINED_BYTES = 64 * 1024     # read ahead while a request is answered; past it, that answer is the last
 RETRY_AFTER_QUEUE_FULL_S = 1
@@ -95,6 +96,9 @@ HOP_BY_HOP = frozenset({
 # deadline headers, and vLLM's priority header, which vLLM obeys over the body (only a grant sets it).
 DROPPED_REQUEST_HEADERS = HOP_BY_HOP | {b"host", b"authorization", b"x-priority", b"x-queue-timeout",
                                        b"x-vllm-priority"}
+
+# The last event of an OpenAI stream: a client may leave as soon as it has it (see relay_response).
+SSE_DONE = b"data: [DONE]\n\n"
 
 JSON_HEADERS = ((b"content-type", b"application/json"),)
 CLOSE_HEADER = ((b"connection", b"close"),)
@@ -669,7 +673,7 @@ class Origin:
 
 
 class UpstreamConnection:
-    __slots__ = ("origin", "reader", "writer", "h11", "idle_since")
+    __slots__ = ("origin", "reader", "writer", "h11", "idle_since", "relayed_done")
 
     def __init__(self, origin: Origin, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.origin = origin
@@ -677,6 +681,7 @@ class UpstreamConnection:
         self.writer = writer
         self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
+        self.relayed_done = False   # the client has the stream's last event; only vLLM's terminator may be missing
 
     async def send_request(self, request: h11.Request, body: bytes) -> None:
         # send_with_data_passthrough hands the body back as is: a large upload is not copied again.
@@ -716,6 +721,7 @@ class UpstreamPool:
 
     def __init__(self) -> None:
         self._idle: dict[Origin, deque[UpstreamConnection]] = {}
+        self._finishing: set[asyncio.Task[None]] = set()
         self._tls = ssl.create_default_context()
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -740,7 +746,12 @@ class UpstreamPool:
     def release(self, connection: UpstreamConnection) -> None:
         """Keeps the connection for the next request if the exchange completed, else closes it."""
         if not connection.is_reusable():
-            connection.close()
+            if connection.relayed_done and connection.h11.their_state is h11.SEND_BODY:
+                task = asyncio.create_task(self._finish(connection))
+                self._finishing.add(task)
+                task.add_done_callback(self._finishing.discard)
+            else:
+                connection.close()
             return
         connection.h11.start_next_cycle()
         connection.idle_since = time.monotonic()
@@ -768,10 +779,26 @@ class UpstreamPool:
         if self._idle:
             self._sweeper = asyncio.get_running_loop().call_later(UPSTREAM_SWEEP_S, self._sweep)
 
+    async def _finish(self, connection: UpstreamConnection) -> None:
+        """Reads the end of a stream whose client left after its last event: vLLM often writes the
+        chunked terminator a moment after `data: [DONE]`. Anything else, or nothing, closes it."""
+        event = None
+        try:
+            event = await connection.next_event(UPSTREAM_FINISH_TIMEOUT_S)
+        except (OSError, TimeoutError, h11.ProtocolError):
+            pass
+        finally:  # cancelled at shutdown too: the connection is closed then
+            if type(event) is h11.EndOfMessage:
+                self.release(connection)
+            else:
+                connection.close()
+
     def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        for task in self._finishing:
+            task.cancel()
         for idle in self._idle.values():
             for connection in idle:
                 connection.close()
@@ -1166,11 +1193,16 @@ async def relay_response(client: ClientConnection, connection: UpstreamConnectio
 
     What one read from vLLM brings (often the head, the body and its end; or many SSE chunks) goes
     to the client in one socket write, before the next read; nothing waits for more to arrive.
+    Once what went out ends with `data: [DONE]` (only the tail of the last two Data events is
+    looked at, once per read), the stream counts as delivered even if the client leaves before
+    vLLM's terminator, which often comes in a write of its own.
     """
     out = client.encode(h11.Response(status_code=head.status_code, headers=response_headers(head.headers),
                                      reason=head.reason, _parsed=True))  # headers h11 parsed, as above
     upstream = connection.h11
     reader = connection.reader
+    before = last = b""
+    connection.relayed_done = False
     while True:
         try:
             event = upstream.next_event()
@@ -1180,6 +1212,7 @@ async def relay_response(client: ClientConnection, connection: UpstreamConnectio
             client.write_all(out)
             out = []
             await client.drain()
+            connection.relayed_done = ends_with_done(before, last)
             try:
                 async with asyncio.timeout(timeout_s):
                     data = await reader.read(READ_CHUNK_BYTES)
@@ -1189,6 +1222,7 @@ async def relay_response(client: ClientConnection, connection: UpstreamConnectio
             continue
         if type(event) is h11.Data:
             out += client.encode(event)  # h11 events are immutable: vLLM's chunk is sent on as it came
+            before, last = last, event.data
         elif type(event) is h11.EndOfMessage:
             client.write_all(out + client.encode(h11.EndOfMessage()))
             await client.drain()
@@ -1196,6 +1230,13 @@ async def relay_response(client: ClientConnection, connection: UpstreamConnectio
         else:  # ConnectionClosed before the end of the body: what came is relayed, then the close
             client.write_all(out)
             raise UpstreamError("vLLM closed the connection mid-response", before_response=False)
+
+
+def ends_with_done(before: bytes, last: bytes) -> bool:
+    """Whether a body whose last two Data events are `before` and `last` ends with `data: [DONE]`."""
+    if len(last) >= len(SSE_DONE):
+        return last.endswith(SSE_DONE)
+    return (bytes(before[-len(SSE_DONE):]) + last).endswith(SSE_DONE)  # the event split across two reads
 
 
 async def proxy(service: Service, client: ClientConnection, request: Request, token: TokenInfo,
@@ -1250,6 +1291,7 @@ async def proxy(service: Service, client: ClientConnection, request: Request, to
     finally:
         # 7. release: the connection goes back to the pool only after a complete exchange
         if connection is not None:
+            outcome["delivered"] = connection.relayed_done
             service.upstream.release(connection)
         in_flight.dec()
         state.remove_running(model, token.name)
@@ -1366,11 +1408,11 @@ async def serve_connection(service: Service, client: ClientConnection) -> None:
                 await client.close_gracefully()
             return
         except (ClientGone, ConnectionError):
-            outcome["status"] = 499  # the client went away (nginx's code for it)
+            mark_client_gone(outcome)
             return
         except asyncio.CancelledError:
             if hangup.hung_up and this_task.uncancel() == 0:
-                outcome["status"] = 499
+                mark_client_gone(outcome)
                 return
             raise
         finally:
@@ -1386,6 +1428,12 @@ async def serve_connection(service: Service, client: ClientConnection) -> None:
         if client.h11.our_state is not h11.DONE or client.h11.their_state is not h11.DONE:
             return  # a failed write, or a body left unread
         client.h11.start_next_cycle()
+
+
+def mark_client_gone(outcome: dict[str, Any]) -> None:
+    """499 (nginx's code for a client that went away), unless it left with the whole stream."""
+    if not outcome.get("delivered"):
+        outcome["status"] = 499
 
 
 class HangupWatch:

@@ -376,8 +376,9 @@ class Bench:
         return "\n".join(header + lines) + "\n"
 
 
-def write_results(path: Path, table: str) -> None:
-    start, end = "<!-- results:start -->", "<!-- results:end -->"
+def write_results(path: Path, table: str, section: str = "results") -> None:
+    """Replaces what lies between the section's markers in `path` (appended when missing)."""
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     text = path.read_text() if path.exists() else f"# Benchmark results\n\n{start}\n{end}\n"
     if start not in text:
         text += f"\n{start}\n{end}\n"

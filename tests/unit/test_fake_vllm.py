@@ -14,7 +14,7 @@ import h11
 import openai
 import pytest
 
-from tests.fake_vllm import FakeVLLM, FakeVLLMOptions
+from tests.fake_vllm import FINISH_REASONS, FakeVLLM, FakeVLLMOptions
 from tests.helpers import RawClient, async_wait_until, header
 
 pytestmark = pytest.mark.asyncio
@@ -73,21 +73,42 @@ async def test_chat_completion_non_streamed_has_vllm_shape(start_fake: StartFake
     assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (2, 3, 5)
     body = json.loads(raw_response.http_response.content)
     assert set(body) == {"id", "object", "created", "model", "choices", "usage", "service_tier",
-                         "system_fingerprint", "prompt_logprobs", "kv_transfer_params"}
+                         "system_fingerprint", "prompt_logprobs", "prompt_token_ids", "prompt_text",
+                         "kv_transfer_params", "ec_transfer_params", "metrics"}
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "tok0 tok1 tok2", "refusal": None,
-                                             "tool_calls": [], "reasoning": None}
+                                             "annotations": None, "audio": None, "function_call": None,
+                                             "reasoning": None}
     assert body["choices"][0]["stop_reason"] is None
     assert raw_response.http_response.headers["content-type"] == "application/json"
     assert raw_response.http_response.headers["server"] == "uvicorn"
     assert "date" in raw_response.http_response.headers
 
 
-async def test_chat_completion_without_max_tokens_stops_at_default(start_fake: StartFake) -> None:
-    fake = await start_fake()
+@pytest.mark.parametrize(("options", "finish_reason", "completion_tokens"), [
+    pytest.param({"max_model_len": 50}, "length", 48, id="no-eos-fills-the-context"),
+    pytest.param({"default_max_tokens": 16}, "stop", 16, id="default-max-tokens-as-an-eos"),
+])
+async def test_chat_completion_without_max_tokens(start_fake: StartFake, options: dict[str, Any], finish_reason: str,
+                                                  completion_tokens: int) -> None:
+    """The fake model never emits EOS: like vLLM then, a request without max_tokens fills the context,
+    unless default_max_tokens stands for an EOS."""
+    fake = await start_fake(**options)
     async with sdk(fake) as client:
         completion = await client.chat.completions.create(messages=HELLO, model="fake-model")  # type: ignore[arg-type]
-    assert completion.choices[0].finish_reason == "stop"
-    assert completion.usage is not None and completion.usage.completion_tokens == 16
+    assert completion.choices[0].finish_reason == finish_reason
+    assert completion.usage is not None and completion.usage.completion_tokens == completion_tokens
+
+
+async def test_default_max_tokens_yields_to_max_tokens_and_ignore_eos(start_fake: StartFake) -> None:
+    fake = await start_fake(default_max_tokens=16)
+    async with sdk(fake) as client:
+        longer = await client.chat.completions.create(messages=HELLO, model="fake-model",  # type: ignore[arg-type]
+                                                      max_tokens=20)
+        assert longer.usage is not None and longer.usage.completion_tokens == 20
+        ignored = await client.completions.create(prompt="a", model="fake-model", max_tokens=None,
+                                                  extra_body={"ignore_eos": True})
+        assert ignored.choices[0].finish_reason == "length"
+        assert ignored.usage is not None and ignored.usage.completion_tokens == 4096 - 1
 
 
 async def test_chat_completion_streamed_with_usage(start_fake: StartFake) -> None:
@@ -169,7 +190,8 @@ async def test_max_tokens_above_max_model_len_is_400(start_fake: StartFake) -> N
     assert caught.value.param == "max_tokens"
     assert caught.value.type == "BadRequestError"
     message = caught.value.body["message"]  # type: ignore[index]
-    assert message == "max_tokens=101 cannot be greater than max_model_len=100"
+    assert message == ("max_tokens=101 cannot be greater than max_model_len=100. Please request fewer output "
+                       "tokens. (parameter=max_tokens, value=101)")
 
 
 async def test_unknown_model_is_404(start_fake: StartFake) -> None:
@@ -179,7 +201,7 @@ async def test_unknown_model_is_404(start_fake: StartFake) -> None:
             await client.chat.completions.create(model="other", messages=HELLO)  # type: ignore[arg-type]
     assert caught.value.param == "model"
     assert caught.value.type == "NotFoundError"
-    assert caught.value.body["message"] == "The model `other` does not exist."  # type: ignore[index]
+    assert caught.value.body["message"] == "The model `other` does not exist. Valid aliases: fake-model."  # type: ignore[index]
 
 
 async def test_api_key_guards_v1_only(start_fake: StartFake) -> None:
@@ -209,7 +231,8 @@ ENVELOPE_CASES = [
     pytest.param({}, "POST", "/v1/embeddings", {"input": "a"}, (JSON,), 404, {"detail": "Not Found"},
                  id="embeddings-on-chat-model"),
     pytest.param({}, "POST", "/v1/chat/completions", {"messages": HELLO}, (("content-type", "text/plain"),), 400,
-                 {"error": {"message": "Unsupported Media Type: Only 'application/json' is allowed",
+                 {"error": {"message": "1 validation error:\n  Unsupported Media Type: Only 'application/json' is "
+                                       "allowed",
                             "type": "Bad Request", "param": None, "code": 400}}, id="wrong-content-type"),
 ]
 
@@ -228,11 +251,17 @@ PARAM_CASES = [
     pytest.param(b"{not json", "Bad Request", "body.1", id="invalid-json"),
     pytest.param({"messages": HELLO, "stream_options": {"include_usage": True}}, "BadRequestError", "stream_options",
                  id="stream-options-without-stream"),
-    pytest.param({"messages": HELLO, "max_tokens": "7"}, "Bad Request", "body.max_tokens", id="max-tokens-not-int"),
+    pytest.param({"messages": HELLO, "max_tokens": "seven"}, "Bad Request", "body.max_tokens",
+                 id="max-tokens-not-int"),
+    pytest.param({"messages": HELLO, "max_tokens": 2.5}, "Bad Request", "body.max_tokens", id="max-tokens-fraction"),
+    pytest.param({"messages": HELLO, "stream": "maybe"}, "Bad Request", "body.stream", id="stream-not-bool"),
+    pytest.param({"messages": []}, "BadRequestError", None, id="messages-empty"),
     pytest.param({"messages": HELLO, "max_tokens": 0}, "BadRequestError", "max_tokens", id="max-tokens-zero"),
     pytest.param({"model": "fake-model"}, "Bad Request", "body.messages", id="messages-missing"),
-    pytest.param({"messages": [{"role": "user", "content": "w " * 40}]}, "BadRequestError", None,
+    pytest.param({"messages": [{"role": "user", "content": "w " * 40}]}, "BadRequestError", "input_tokens",
                  id="prompt-longer-than-max-model-len"),
+    pytest.param({"messages": [{"role": "user", "content": "w " * 32}]}, "BadRequestError", "max_tokens",
+                 id="prompt-fills-the-context"),
 ]
 
 
@@ -371,7 +400,7 @@ async def test_client_leaving_mid_stream_is_counted(start_fake: StartFake) -> No
         await stream.close()
     await async_wait_until(lambda: fake.disconnects == 1 and fake.running == 0, timeout_s=5,
                            what="the disconnect to be counted")
-    assert fake.engine.finished["abort"] == 1
+    assert fake.engine.finished == dict.fromkeys(FINISH_REASONS, 0)  # vLLM does not count aborts either
     assert fake.engine.generation_tokens < 1000
 
 
