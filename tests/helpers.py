@@ -72,6 +72,16 @@ class TcpRelay:
             writer.transport.abort()
 
 
+class FakeClock:
+    """A monotonic clock that a test moves by hand (`clock.now += 5`)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -6,22 +6,15 @@ import orjson
 import pytest
 
 from queue_state import GRANT_RATE_WINDOW_S, STATE_TTL_S, QueueState, retry_after_s
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import FakeClock
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock()
 
 
-def test_counts_add_up_own_and_other_senders(clock: Clock) -> None:
+def test_counts_add_up_own_and_other_senders(clock: FakeClock) -> None:
     a, b = QueueState("a", clock), QueueState("b", clock)
     a.add_waiting("m", "alice", 5)
     a.add_waiting("m", "bob", 1)
@@ -37,7 +30,7 @@ def test_counts_add_up_own_and_other_senders(clock: Clock) -> None:
     assert a.waiting("other-model") == 0
 
 
-def test_requests_that_leave_stop_counting(clock: Clock) -> None:
+def test_requests_that_leave_stop_counting(clock: FakeClock) -> None:
     state = QueueState("a", clock)
     state.add_waiting("m", "alice", 5)
     state.remove_waiting("m", "alice", 5)
@@ -47,7 +40,7 @@ def test_requests_that_leave_stop_counting(clock: Clock) -> None:
     assert orjson.loads(state.snapshot())["models"] == {"m": {"waiting": {}, "running": {}, "grants": 1}}
 
 
-def test_a_silent_sender_stops_counting_after_its_ttl(clock: Clock) -> None:
+def test_a_silent_sender_stops_counting_after_its_ttl(clock: FakeClock) -> None:
     """A sender that stops or restarts (with a new id) leaves no stale count behind."""
     a, b = QueueState("a", clock), QueueState("b", clock)
     b.add_waiting("m", "alice", 5)
@@ -58,14 +51,14 @@ def test_a_silent_sender_stops_counting_after_its_ttl(clock: Clock) -> None:
     assert a.waiting("m") == 0
 
 
-def test_own_snapshot_is_not_counted_twice(clock: Clock) -> None:
+def test_own_snapshot_is_not_counted_twice(clock: FakeClock) -> None:
     a = QueueState("a", clock)
     a.add_waiting("m", "alice", 5)
     a.on_snapshot(a.snapshot())
     assert a.waiting("m") == 1
 
 
-def test_grant_rate_is_grants_over_the_window_of_all_senders(clock: Clock) -> None:
+def test_grant_rate_is_grants_over_the_window_of_all_senders(clock: FakeClock) -> None:
     a, b = QueueState("a", clock), QueueState("b", clock)
     assert a.grant_rate("m") is None and a.estimated_wait_s("m", 10) is None
     clock.now += GRANT_RATE_WINDOW_S  # both have run for a whole window
@@ -80,7 +73,7 @@ def test_grant_rate_is_grants_over_the_window_of_all_senders(clock: Clock) -> No
     assert a.grant_rate("m") is None  # old grants leave the window
 
 
-def test_young_sender_measures_its_rate_over_its_life(clock: Clock) -> None:
+def test_young_sender_measures_its_rate_over_its_life(clock: FakeClock) -> None:
     state = QueueState("a", clock)
     clock.now += 5
     for _ in range(10):
@@ -100,7 +93,7 @@ def test_young_sender_measures_its_rate_over_its_life(clock: Clock) -> None:
                  id="grants-not-an-integer"),
     pytest.param(b'{"sender": 5, "ttl_s": 2, "window_s": 1, "models": {}}', id="sender-not-a-string"),
 ])
-def test_malformed_snapshot_is_refused_and_changes_nothing(clock: Clock, body: bytes) -> None:
+def test_malformed_snapshot_is_refused_and_changes_nothing(clock: FakeClock, body: bytes) -> None:
     state = QueueState("a", clock)
     with pytest.raises(ValueError):
         state.on_snapshot(body)

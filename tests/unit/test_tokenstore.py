@@ -16,6 +16,7 @@ import tokenstore
 from common.config import ConfigError
 from tokenstore import (DatabaseError, MySQLDatabase, PostgresDatabase, TokenInfo, TokenStore, TokenStoreUnavailable,
                         database_class, hash_token)
+from tests.helpers import FakeClock
 
 ALICE = TokenInfo("alice", 5, 10)
 
@@ -45,22 +46,14 @@ class ScriptedSource:
         return None
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    clock = Clock()
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    clock = FakeClock()
     monkeypatch.setattr(tokenstore, "monotonic", clock)
     return clock
 
 
-async def test_a_known_token_is_cached_for_the_cache_time(clock: Clock) -> None:
+async def test_a_known_token_is_cached_for_the_cache_time(clock: FakeClock) -> None:
     source = ScriptedSource()
     store = TokenStore(30, source)
     assert await store.lookup(b"sk-alice") == ALICE
@@ -72,7 +65,7 @@ async def test_a_known_token_is_cached_for_the_cache_time(clock: Clock) -> None:
     assert source.queries == 2
 
 
-async def test_an_unknown_token_is_remembered_for_a_few_seconds_only(clock: Clock) -> None:
+async def test_an_unknown_token_is_remembered_for_a_few_seconds_only(clock: FakeClock) -> None:
     source = ScriptedSource()
     store = TokenStore(30, source)
     assert await store.lookup(b"sk-nobody") is None
