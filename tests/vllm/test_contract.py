@@ -5,7 +5,7 @@ rely on cannot drift from what vLLM 0.32 really does on what a proxy or a client
 framing and headers, the fields of answers and chunks, the errors a client can cause, the usage
 forced by --enable-force-include-usage, keep-alive, and /metrics around an abort. Generated text is
 never compared: the fake writes "tok0 tok1 ...", the tiny model random words, and vLLM may merge
-tokens into one event. Tool calling is not in this contract yet.
+tokens into one event. Tool calling is in it only as vLLM refuses it without its flags.
 """
 
 from __future__ import annotations
@@ -288,6 +288,7 @@ TOO_LONG = (f"This model's maximum context length is {MAX_MODEL_LEN} tokens. How
             f"{MAX_MODEL_LEN + 1} input tokens, which exceeds this limit even without any output tokens. Please "
             f"reduce the length of the input prompt.")
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
 ERROR_CASES = [
     pytest.param(CHAT, {"messages": PROMPT, "max_tokens": MAX_MODEL_LEN + 1}, 400, refused(
         f"max_tokens={MAX_MODEL_LEN + 1} cannot be greater than max_model_len={MAX_MODEL_LEN}. Please request fewer "
@@ -314,6 +315,16 @@ ERROR_CASES = [
                  refused("max_tokens must be at least 1, got 0.", "max_tokens", 0), id="prompt-fills-the-context"),
     pytest.param(COMPLETIONS, {}, 400, refused("Either prompt or prompt_embeds must be provided and non-empty.",
                                                "prompt"), id="prompt-missing"),
+    # Tools without tool calling enabled (vLLM's default flags; vllm/renderers/online_renderer.py).
+    pytest.param(CHAT, {"messages": PROMPT, "tools": [TOOL]}, 400, refused(
+        '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'),
+                 id="tools-auto-without-tool-calling"),
+    pytest.param(CHAT, {"messages": PROMPT, "tools": [TOOL], "tool_choice": "required"}, 400, refused(
+        'tool_choice="required" requires --tool-call-parser to be set'), id="tools-required-without-a-parser"),
+    pytest.param(CHAT, {"messages": PROMPT, "tools": [TOOL], "tool_choice": {"type": "function",
+                                                                            "function": {"name": "f"}}}, 400,
+                 refused('tool_choice=function "f" requires --tool-call-parser to be set'),
+                 id="tools-named-without-a-parser"),
     pytest.param("/nowhere", {}, 404, {"detail": "Not Found"}, id="unknown-route"),
 ]
 
