@@ -247,3 +247,31 @@ def test_per_token_cap_holds_over_two_senders(stack: Stack, tokens: Tokens, uniq
     wait_until(lambda: queue_of(second, capped, unique_model)["your_running"] == 0, timeout_s=5,
                what="the token's requests to be done")
     assert client(second, capped).chat.completions.create(model=unique_model, messages=PROMPT, max_tokens=1).choices
+
+
+def test_a_queue_left_by_an_older_version_does_not_wedge_an_upgrade(stack: Stack, tokens: Tokens,
+                                                                    unique_model: str) -> None:
+    """Before fair share, a model's queue was `dispatcher.model.<model>` with x-max-priority 10; RabbitMQ refuses
+    to declare an existing queue again with other arguments. The queue left by that version does not stop
+    the new consumer (its queue's name carries its x-max-priority) nor the sender, which publishes where the
+    consumer announces: the model is served."""
+    import asyncio
+
+    import aiormq
+
+    from common.messages import model_queue
+    from tests.integration.conftest import RABBITMQ_URL
+
+    async def declare_old_queue() -> None:
+        connection = await aiormq.connect(RABBITMQ_URL)
+        try:
+            channel = await connection.channel()
+            await channel.queue_declare(model_queue(unique_model), arguments={"x-max-priority": 10,
+                                                                              "x-expires": 30000})
+        finally:
+            await connection.close()
+
+    asyncio.run(declare_old_queue())
+    _, _, sender = stack.served_model(unique_model, tokens.high, STEADY)
+    answer = client(sender, tokens.high).chat.completions.create(model=unique_model, messages=PROMPT, max_tokens=1)
+    assert answer.choices
