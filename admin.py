@@ -7,6 +7,8 @@
     python admin.py revoke NAME                               the sender stops accepting it
     python admin.py update NAME [--priority P] [--threshold T] [--max-in-flight N (0: no cap)]
     python admin.py load FILE                                 upsert a YAML/JSON token list (Helm job)
+    python admin.py usage [--since YYYY-MM-DD] [--token NAME] [--format table|csv|json]
+                                                              totals per token, model and UTC day
 
 The database is `DATABASE_URL` (or `--database-url`): `postgresql://...` or `mysql://...` (MySQL 8,
 MariaDB 10.6+), through the database layer the sender uses (tokenstore.py), where each dialect's
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import json
 import os
 import secrets
@@ -48,6 +51,8 @@ NAME_MAX_CHARS = 200
 TOKEN_MAX_CHARS = 4096
 TOKEN_PREFIX = "sk-"
 TOKEN_ENTRY_KEYS = frozenset({"token", "priority", "threshold", "name", "max_in_flight"})
+USAGE_FIELDS = ("token", "model", "date", "requests", "prompt_tokens", "completion_tokens", "estimated_requests")
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 class AdminError(Exception):
@@ -248,10 +253,38 @@ async def command_list(args: argparse.Namespace, config: Config) -> int:
     table = [("NAME", "PRIORITY", "THRESHOLD", "MAX_IN_FLIGHT", "CREATED", "REVOKED")]
     table += [(row.name, str(row.priority), str(row.threshold), "-" if row.max_in_flight is None else str(row.max_in_flight),
                format_time(row.created_at), format_time(row.revoked_at)) for row in rows]
+    print_table(table)
+    return 0
+
+
+async def command_usage(args: argparse.Namespace, config: Config) -> int:
+    """Totals per token, model and UTC day, as the sender wrote them (at most USAGE_FLUSH_SECONDS old)."""
+    since = EPOCH if args.since is None else check_argument(check_date, args.since)
+    async with connect(config.database_url) as database:
+        rows = [row.as_dict() for row in await database.usage_rows(since, args.token)]
+    if args.format == "json":
+        sys.stdout.buffer.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2) + b"\n")
+    elif args.format == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=USAGE_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        print_table([tuple(field.upper() for field in USAGE_FIELDS),
+                     *(tuple(str(row[field]) for field in USAGE_FIELDS) for row in rows)])
+    return 0
+
+
+def check_date(value: str) -> datetime:
+    try:
+        return datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=timezone.utc)
+    except ValueError:
+        raise ValueError(f"--since must be a date, YYYY-MM-DD: {value!r}") from None
+
+
+def print_table(table: Sequence[Sequence[str]]) -> None:
     widths = [max(len(line[column]) for line in table) for column in range(len(table[0]))]
     for line in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
-    return 0
 
 
 async def command_revoke(args: argparse.Namespace, config: Config) -> int:
@@ -353,6 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
                               help="upsert tokens by name from a YAML or JSON list (the Helm chart's `tokens:`)")
     sub.add_argument("file")
     sub.set_defaults(run=command_load)
+
+    sub = commands.add_parser("usage", parents=[common], help="usage totals per token, model and UTC day")
+    sub.add_argument("--since", metavar="YYYY-MM-DD", help="from this UTC day on (default: all)")
+    sub.add_argument("--token", metavar="NAME", help="this token's totals only")
+    sub.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    sub.set_defaults(run=command_usage)
     return parser
 
 

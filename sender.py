@@ -41,6 +41,7 @@ import urllib.parse
 from collections import deque
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import aiormq
@@ -59,7 +60,8 @@ from common.messages import (ANNOUNCE_EXCHANGE, Grant, GrantRequest, MessageErro
                              model_queue, queue_priority, share_bucket)
 from common.tasks import cancel_and_wait
 from queue_state import STATE_EXCHANGE, STATE_INTERVAL_S, STATE_TTL_S, QueueState, retry_after_s
-from tokenstore import TokenInfo, TokenStore, TokenStoreUnavailable, database_class
+from tokenstore import DatabaseError, TokenInfo, TokenStore, TokenStoreUnavailable, database_class
+from usage import UsageMeter, UsageRecorder, UsageWriter, first_day
 
 log = logging.getLogger("sender")
 
@@ -122,6 +124,7 @@ class Config:
     max_priority: int
     priority_aging_s: float
     rpc_reconnect_attempts: int
+    usage_flush_s: float
     log_level: int
 
     @classmethod
@@ -147,6 +150,7 @@ class Config:
             max_priority=env_int(env, "MAX_PRIORITY", 10, minimum=1, maximum=255),
             priority_aging_s=env_float(env, "PRIORITY_AGING_SECONDS", 0.0, minimum=0),
             rpc_reconnect_attempts=env_int(env, "RPC_RECONNECT_ATTEMPTS", 10, minimum=1),
+            usage_flush_s=env_float(env, "USAGE_FLUSH_SECONDS", 10.0, minimum=0.01, maximum=10.0),
             log_level=log_level(env),
         )
 
@@ -207,6 +211,8 @@ class Metrics:
     time_to_first_byte: prom.Histogram
     in_flight: prom.Gauge
     queue_waiting: prom.Gauge
+    tokens: prom.Counter
+    usage_dropped: prom.Counter
 
     @classmethod
     def create(cls, registry: prom.CollectorRegistry) -> Metrics:
@@ -228,6 +234,12 @@ class Metrics:
             queue_waiting=prom.Gauge("dispatcher_queue_waiting", "Requests waiting for a grant for the model, "
                                      "all senders, as the threshold check sees it (refreshed every 250 ms).", ["model"],
                                      registry=registry),
+            tokens=prom.Counter("dispatcher_tokens", "Tokens used, by model, token name and kind (prompt, "
+                                "completion); estimated from the streamed deltas when vLLM sent no usage.",
+                                ["model", "token", "kind"], registry=registry),
+            usage_dropped=prom.Counter("dispatcher_usage_dropped", "Requests whose usage was not recorded in the "
+                                       "database: the buffer of unwritten totals was full, or the last write at "
+                                       "shutdown failed.", registry=registry),
         )
 
 
@@ -1000,6 +1012,7 @@ class Service:
     upstream: UpstreamPool
     metrics: Metrics
     queue: QueueState
+    usage: UsageRecorder
     shutting_down: bool = False
 
 
@@ -1188,7 +1201,7 @@ async def send_upstream(service: Service, grant: Grant, request: Request, body: 
 
 
 async def relay_response(client: ClientConnection, connection: UpstreamConnection, head: h11.Response,
-                         timeout_s: float) -> None:
+                         timeout_s: float, meter: UsageMeter) -> None:
     """Streams vLLM's response to the client as it arrives, with back-pressure on a slow client.
 
     What one read from vLLM brings (often the head, the body and its end; or many SSE chunks) goes
@@ -1196,6 +1209,7 @@ async def relay_response(client: ClientConnection, connection: UpstreamConnectio
     Once what went out ends with `data: [DONE]` (only the tail of the last two Data events is
     looked at, once per read), the stream counts as delivered even if the client leaves before
     vLLM's terminator, which often comes in a write of its own.
+    `meter` sees each Data event as relayed (byte searches, no parse): usage counts what was relayed.
     """
     out = client.encode(h11.Response(status_code=head.status_code, headers=response_headers(head.headers),
                                      reason=head.reason, _parsed=True))  # headers h11 parsed, as above
@@ -1223,6 +1237,7 @@ async def relay_response(client: ClientConnection, connection: UpstreamConnectio
         if type(event) is h11.Data:
             out += client.encode(event)  # h11 events are immutable: vLLM's chunk is sent on as it came
             before, last = last, event.data
+            meter.feed(event.data)
         elif type(event) is h11.EndOfMessage:
             client.write_all(out + client.encode(h11.EndOfMessage()))
             await client.drain()
@@ -1272,6 +1287,8 @@ async def proxy(service: Service, client: ClientConnection, request: Request, to
         state.remove_waiting(model, token.name, priority)
     granted_at = time.monotonic()
     service.metrics.grant_wait.labels(model).observe(granted_at - queued_at)
+    meter = outcome["usage"] = UsageMeter()  # from here on the request counts as used (log_outcome records it)
+    outcome["token"], outcome["wait_ms"] = token.name, (granted_at - queued_at) * 1000
     in_flight = service.metrics.in_flight.labels(model)
     in_flight.inc()
     state.add_running(model, token.name)
@@ -1282,12 +1299,14 @@ async def proxy(service: Service, client: ClientConnection, request: Request, to
             connection, head = await send_upstream(service, grant, request, body)
         except UpstreamError as exc:
             log.warning("vLLM at %s unreachable: %s", grant.url, exc)
+            outcome["ended"] = "upstream_failed"
             raise ApiError(502, "The model server could not be reached.", type="server_error",
                            code="upstream_unreachable") from None
         service.metrics.time_to_first_byte.labels(model).observe(time.monotonic() - granted_at)
         outcome["status"] = head.status_code
+        meter.start(head.headers)
         # 6. relay response
-        await relay_response(client, connection, head, config.upstream_timeout_s)
+        await relay_response(client, connection, head, config.upstream_timeout_s, meter)
     finally:
         # 7. release: the connection goes back to the pool only after a complete exchange
         if connection is not None:
@@ -1312,6 +1331,30 @@ async def queue_status(service: Service, client: ClientConnection, token: TokenI
                      "your_waiting": state.waiting(model, token=token.name),
                      "your_running": state.running(model, token=token.name)})
     await client.send_json(200, {"object": "list", "data": data})
+
+
+async def usage_report(service: Service, client: ClientConnection, token: TokenInfo, target: bytes) -> None:
+    """GET /v1/usage?days=N: the caller's own totals per model and UTC day, the last N days (default 30)."""
+    query = urllib.parse.parse_qs(target.partition(b"?")[2].decode("latin-1"), keep_blank_values=True)
+    asked = query.get("days", ["30"])
+    days = int(asked[0]) if len(asked) == 1 and asked[0].isascii() and asked[0].isdigit() else 0
+    if not 1 <= days <= 366:
+        raise ApiError(400, "`days` must be a whole number from 1 to 366.", code="invalid_days", param="days")
+    since = first_day(days)
+    database = service.tokens.database
+    unavailable = ApiError(503, "The usage database is unreachable; try again shortly.", type="server_error",
+                           code="usage_unavailable", retry_after_s=RETRY_AFTER_UNAVAILABLE_S)
+    if service.usage.memory is not None:
+        rows, source = service.usage.memory_rows(token.name, since), "memory"
+    elif database is None:  # configured, not connected yet
+        raise unavailable
+    else:
+        try:
+            rows, source = await database.usage_rows(since, token.name), "database"
+        except DatabaseError:
+            raise unavailable from None
+    await client.send_json(200, {"object": "list", "source": source,
+                                 "data": [row.as_dict(with_token=False) for row in rows]})
 
 
 async def list_models(service: Service, client: ClientConnection, model_id: str | None) -> None:
@@ -1346,6 +1389,8 @@ async def handle(service: Service, client: ClientConnection, request: Request, h
             await list_models(service, client, None)
         elif path == b"/v1/queue":
             await queue_status(service, client, token)
+        elif path == b"/v1/usage":
+            await usage_report(service, client, token, request.target)
         elif path.startswith(b"/v1/models/"):
             await list_models(service, client, urllib.parse.unquote(path[len(b"/v1/models/"):].decode("latin-1")))
         else:
@@ -1398,6 +1443,7 @@ async def serve_connection(service: Service, client: ClientConnection) -> None:
                 return
         except UpstreamError as error:
             outcome["status"] = 502  # for the log and the metrics; the client sees the connection close
+            outcome["ended"] = "upstream_failed"
             log.warning("vLLM failed mid-response: %s", error)
             return  # closing without the final chunk: the client sees an error, not a short success
         except TimeoutError:  # the request body stopped arriving (every other wait has its own error)
@@ -1509,10 +1555,26 @@ def log_outcome(service: Service, request: Request, outcome: dict[str, Any], sta
         label = model if service.capacity.is_live(model) else "(not served)"
         service.metrics.requests.labels(label, str(status), str(outcome["priority"])).inc()
     path = request.target.split(b"?", 1)[0]
+    meter: UsageMeter | None = outcome.get("usage")
+    if meter is not None:  # forwarded to vLLM: the usage record, in memory, and its log line
+        prompt_tokens, completion_tokens, exact = meter.counts()
+        service.usage.record(outcome["token"], model, prompt_tokens, completion_tokens, exact)
+        ended = outcome.get("ended") or ("client_gone" if status == 499 else "complete")
+        log.info("%s %s model=%s priority=%s status=%s token=%s streamed=%d queue_wait_ms=%.1f total_ms=%.1f "
+                 "prompt_tokens=%d completion_tokens=%d counts=%s ended=%s", request.method.decode(),
+                 path.decode("latin-1"), model, outcome["priority"], status, outcome["token"], meter.streamed,
+                 outcome["wait_ms"], (time.monotonic() - started) * 1000, prompt_tokens, completion_tokens,
+                 "exact" if exact else "estimated", ended)
+        return
     level = logging.DEBUG if path.startswith(b"/health/") else logging.INFO  # probes would drown the rest
     if log.isEnabledFor(level):
         log.log(level, "%s %s model=%s priority=%s status=%s %.1fms", request.method.decode(), path.decode("latin-1"),
                 model, outcome["priority"], status, (time.monotonic() - started) * 1000)
+
+
+def count_tokens(metrics: Metrics, token: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+    metrics.tokens.labels(model, token, "prompt").inc(prompt_tokens)
+    metrics.tokens.labels(model, token, "completion").inc(completion_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1537,7 +1599,14 @@ async def run(config: Config) -> None:
                                   metrics.queue_waiting, aging_s=config.priority_aging_s)
         upstream = UpstreamPool()
         stack.callback(upstream.close)
-        service = Service(config, tokens, capacity, upstream, metrics, state)
+        usage = UsageRecorder(keep_memory=config.database_url is None, on_tokens=partial(count_tokens, metrics),
+                              on_dropped=metrics.usage_dropped.inc)
+        if config.database_url:
+            writer = UsageWriter(usage, lambda: tokens.database, config.usage_flush_s,
+                                 is_failure=lambda exc: isinstance(exc, (DatabaseError, TimeoutError)))
+            writer.start()
+            stack.push_async_callback(writer.close)  # unwinds before the database closes: the last totals go out
+        service = Service(config, tokens, capacity, upstream, metrics, state, usage)
 
         maintainer = asyncio.create_task(capacity.maintain())
         stack.push_async_callback(cancel_and_wait, maintainer)

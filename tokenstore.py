@@ -34,6 +34,7 @@ import asyncmy.errors
 import asyncpg
 
 from common.config import ConfigError
+from usage import Totals, UsageKey, UsageRow
 
 log = logging.getLogger("tokenstore")
 
@@ -177,6 +178,11 @@ class TokenStore:
             log.info("connected to the token database (%s)", database.dialect)
             return
 
+    @property
+    def database(self) -> Database | None:
+        """The database once connected (None before, and with TOKENS_FILE): where usage totals go too."""
+        return None if isinstance(self._source, TokenTable) else self._source  # type: ignore[return-value]
+
     async def close(self) -> None:
         for query in list(self._queries.values()):
             query.cancel()
@@ -285,12 +291,13 @@ class Database(Protocol):
     async def update_token(self, name: str, priority: int | None, threshold: int | None,
                            max_in_flight: int | None = None) -> TokenRow: ...
     async def load_tokens(self, entries: Sequence[TokenEntry]) -> int: ...
+    async def add_usage(self, batch: dict[UsageKey, Totals]) -> None: ...
+    async def usage_rows(self, since: datetime, token: str | None = None) -> list[UsageRow]: ...
 
 
 # What `load_tokens` upserts: name, token hash, priority, threshold, max_in_flight (None: no cap).
+# `update_token`'s max_in_flight: None keeps the current cap, 0 removes it.
 TokenEntry = tuple[str, str, int, int, int | None]
-# `update_token`'s max_in_flight: None keeps the current cap, NO_CAP removes it.
-NO_CAP = 0
 
 
 def database_class(url: str) -> type[PostgresDatabase] | type[MySQLDatabase]:
@@ -344,6 +351,19 @@ class PostgresDatabase:
         )
         """,
         "ALTER TABLE tokens ADD COLUMN IF NOT EXISTS max_in_flight integer CHECK (max_in_flight >= 1)",
+        # Usage totals per token name, model and hour (UTC); the sender adds to them in batches.
+        """
+        CREATE TABLE IF NOT EXISTS usage_totals (
+            token_name text NOT NULL,
+            model text NOT NULL,
+            hour timestamptz NOT NULL,
+            requests bigint NOT NULL DEFAULT 0,
+            prompt_tokens bigint NOT NULL DEFAULT 0,
+            completion_tokens bigint NOT NULL DEFAULT 0,
+            estimated_requests bigint NOT NULL DEFAULT 0,
+            PRIMARY KEY (token_name, model, hour)
+        )
+        """,
     )
     SCHEMA_VERSION = """
         CREATE TABLE IF NOT EXISTS schema_version (
@@ -475,6 +495,29 @@ class PostgresDatabase:
                 created += inserted
         return created
 
+    async def add_usage(self, batch: dict[UsageKey, Totals]) -> None:
+        """Adds the batch to the totals, all or nothing."""
+        async with self._connection() as connection, connection.transaction():
+            await connection.executemany(
+                "INSERT INTO usage_totals (token_name, model, hour, requests, prompt_tokens, completion_tokens, "
+                "estimated_requests) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (token_name, model, hour) "
+                "DO UPDATE SET requests = usage_totals.requests + EXCLUDED.requests, "
+                "prompt_tokens = usage_totals.prompt_tokens + EXCLUDED.prompt_tokens, "
+                "completion_tokens = usage_totals.completion_tokens + EXCLUDED.completion_tokens, "
+                "estimated_requests = usage_totals.estimated_requests + EXCLUDED.estimated_requests",
+                [(token, model, hour, t.requests, t.prompt_tokens, t.completion_tokens, t.estimated_requests)
+                 for (token, model, hour), t in batch.items()])
+
+    async def usage_rows(self, since: datetime, token: str | None = None) -> list[UsageRow]:
+        """Totals per token, model and UTC day from `since` on, of one token or all."""
+        async with self._connection() as connection:
+            rows = await connection.fetch(
+                "SELECT token_name, model, (hour AT TIME ZONE 'UTC')::date AS day, sum(requests), sum(prompt_tokens), "
+                "sum(completion_tokens), sum(estimated_requests) FROM usage_totals "
+                "WHERE hour >= $1 AND ($2::text IS NULL OR token_name = $2) "
+                "GROUP BY token_name, model, day ORDER BY day, token_name, model", since, token)
+        return usage_rows(rows)
+
 
 class MySQLDatabase:
     """MySQL 8 or MariaDB 10.6+ through an asyncmy pool.
@@ -504,6 +547,20 @@ class MySQLDatabase:
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin
         """,
         "ALTER TABLE tokens ADD COLUMN max_in_flight INT NULL CHECK (max_in_flight >= 1)",
+        # Usage totals per token name, model and hour (UTC); the sender adds to them in batches.
+        # Model ids are ASCII (common.messages.is_valid_model_id), at most 255 bytes.
+        """
+        CREATE TABLE IF NOT EXISTS usage_totals (
+            token_name VARCHAR(200) COLLATE utf8mb4_bin NOT NULL,
+            model VARCHAR(255) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+            hour DATETIME NOT NULL,
+            requests BIGINT NOT NULL DEFAULT 0,
+            prompt_tokens BIGINT NOT NULL DEFAULT 0,
+            completion_tokens BIGINT NOT NULL DEFAULT 0,
+            estimated_requests BIGINT NOT NULL DEFAULT 0,
+            PRIMARY KEY (token_name, model, hour)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin
+        """,
     )
     SCHEMA_VERSION = """
         CREATE TABLE IF NOT EXISTS schema_version (
@@ -669,8 +726,37 @@ class MySQLDatabase:
                     created += 1
         return created
 
+    async def add_usage(self, batch: dict[UsageKey, Totals]) -> None:
+        """Adds the batch to the totals, all or nothing."""
+        async with self._transaction() as cursor:
+            await cursor.executemany(
+                "INSERT INTO usage_totals (token_name, model, hour, requests, prompt_tokens, completion_tokens, "
+                "estimated_requests) VALUES (%s, %s, %s, %s, %s, %s, %s) ON DUPLICATE KEY UPDATE "
+                "requests = requests + VALUES(requests), prompt_tokens = prompt_tokens + VALUES(prompt_tokens), "
+                "completion_tokens = completion_tokens + VALUES(completion_tokens), "
+                "estimated_requests = estimated_requests + VALUES(estimated_requests)",
+                [(token, model, hour.replace(tzinfo=None), t.requests, t.prompt_tokens, t.completion_tokens,
+                  t.estimated_requests) for (token, model, hour), t in batch.items()])
+
+    async def usage_rows(self, since: datetime, token: str | None = None) -> list[UsageRow]:
+        """Totals per token, model and UTC day from `since` on, of one token or all."""
+        async with self._cursor() as cursor:
+            await cursor.execute(
+                "SELECT token_name, model, DATE(hour) AS day, sum(requests), sum(prompt_tokens), "
+                "sum(completion_tokens), sum(estimated_requests) FROM usage_totals "
+                "WHERE hour >= %s AND (%s IS NULL OR token_name = %s) "
+                "GROUP BY token_name, model, day ORDER BY day, token_name, model",
+                (since.astimezone(timezone.utc).replace(tzinfo=None), token, token))
+            rows = await cursor.fetchall()
+        return usage_rows(rows)
+
     @staticmethod
     def _token_row(row: tuple[Any, ...]) -> TokenRow:
         name, priority, threshold, max_in_flight, created_at, revoked_at = row
         return TokenRow(name, priority, threshold, max_in_flight, as_utc(created_at),  # type: ignore[arg-type]
                         as_utc(revoked_at))
+
+
+def usage_rows(rows: Sequence[Sequence[Any]]) -> list[UsageRow]:
+    """Rows of (token, model, day, requests, prompt, completion, estimated) as UsageRow (sums come as Decimal)."""
+    return [UsageRow(token, model, day, *(int(value) for value in counts)) for token, model, day, *counts in rows]

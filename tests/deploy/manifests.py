@@ -64,6 +64,7 @@ CASES: dict[str, Case] = {case.id: case for case in (
     Case("mysql-external", ("mysql-external.yaml",)),
     Case("gpus-from-inferenceserver", sets=("inferenceserver.resources.limits.nvidia\\.com/gpu=4",)),
     Case("tool-calling", ("tool-calling.yaml",)),
+    Case("force-include-usage", ("force-include-usage.yaml",)),
 )}
 
 

@@ -131,6 +131,14 @@ def test_vllm_arguments_come_from_the_model_values(rendered: dict[str, Objects],
             json.loads(args[args.index(flag) + 1])  # vLLM parses it as JSON
 
 
+@pytest.mark.parametrize(("case_id", "expected"), [("default", [False]), ("force-include-usage", [True, False])])
+def test_force_include_usage_from_the_inferenceserver_value_or_the_model(rendered: dict[str, Objects], case_id: str,
+                                                                          expected: list[bool]) -> None:
+    """vLLM streams its usage on every answer only when asked: the sender's counts are then exact."""
+    flags = ["--enable-force-include-usage" in container(sts, "vllm")["args"] for sts in models_of(rendered[case_id]).values()]
+    assert flags == expected
+
+
 def test_chat_template_content_reaches_vllm_through_a_config_map(rendered: dict[str, Objects]) -> None:
     """The template is mounted byte for byte at the path vLLM gets, and a new one restarts the pods
     (vLLM reads it at start); a path, or no template, mounts nothing."""

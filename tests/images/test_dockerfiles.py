@@ -62,7 +62,8 @@ class Spec:
 
 
 SPECS = {
-    "sender": Spec("Dockerfile.sender", frozenset({"sender.py", "queue_state.py", "admin.py", "tokenstore.py", "common"}),
+    "sender": Spec("Dockerfile.sender", frozenset({"sender.py", "queue_state.py", "admin.py", "tokenstore.py", "usage.py",
+                                                   "common"}),
                    frozenset({8080, 9090}), ("python", "sender.py")),
     "consumer": Spec("Dockerfile.consumer", frozenset({"consumer.py", "common"}),
                      frozenset({8081}), ("python", "consumer.py")),
@@ -161,7 +162,8 @@ def test_dockerignore_keeps_the_context_small() -> None:
                  "common/__pycache__/config.cpython-311.pyc", "__pycache__/sender.cpython-311.pyc",
                  "tokens.example.yaml", ".pytest_cache/v/cache", "compose.yml"):
         assert ignore.excluded(path), path
-    for path in ("requirements.txt", "sender.py", "consumer.py", "admin.py", "tokenstore.py", "common/config.py",
+    for path in ("requirements.txt", "sender.py", "consumer.py", "admin.py", "tokenstore.py", "usage.py",
+                 "common/config.py",
                  "common/messages.py", "common/__init__.py"):
         assert not ignore.excluded(path), path
 

@@ -46,7 +46,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
 def test_help_lists_every_subcommand() -> None:
     result = subprocess.run([sys.executable, "admin.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0
-    for command in ("migrate", "create", "list", "revoke", "update", "load"):
+    for command in ("migrate", "create", "list", "revoke", "update", "load", "usage"):
         assert command in result.stdout
 
 

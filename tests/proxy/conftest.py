@@ -85,7 +85,7 @@ async def start_sender(upstream_url: str, *, api_key: str | None = None, vllm_pr
     capacity = GrantAtOnce(upstream_url, api_key=api_key, vllm_priority=vllm_priority)
     service = sender.Service(make_config(**overrides), make_tokens(), capacity,  # type: ignore[arg-type]
                              sender.UpstreamPool(), sender.Metrics.create(prom.CollectorRegistry()),
-                             sender.QueueState("proxy-test"))
+                             sender.QueueState("proxy-test"), sender.UsageRecorder(keep_memory=True))
     server = await sender.start_server(service, "127.0.0.1", 0)
     return Proxy(server.port, capacity, server)
 
