@@ -393,6 +393,9 @@ async def test_release_of_unknown_lease_frees_nothing(broker, vllm, start_consum
     await broker.request(vllm.model, 1, "second")
     await broker.release(Grant("no-such-lease", first.url, None, first.release_to, None))
     await broker.expect_no_grant()
+    # The first request ends (vLLM no longer runs it) and its sender releases it. Left at 1, the stub's
+    # count would make a reading taken after the release see a request no lease explains.
+    vllm.running = 0
     await broker.release(first)
     assert (await broker.next_grant())[0] == "second"
 

@@ -184,10 +184,11 @@ def test_streams_read_to_done_are_complete_not_gone(dispatcher: Dispatcher, vllm
 
 def test_speed_rule_keeps_a_second_request_waiting(dispatcher: Dispatcher, vllm_server: VLLMServer,
                                                    stack: Stack) -> None:
-    """With a floor no CPU reaches, the first request runs at once (nothing runs yet) and the next
-    waits in the queue, read off vLLM's /metrics, until the first has ended."""
+    """With a floor no CPU reaches and no burst (BURST_GRANTS=1), the first request runs at once (nothing
+    runs yet) and the next waits in the queue, read off vLLM's /metrics, until the first has ended."""
     model = vllm_server.alias("speed")
-    consumer = dispatcher.serve(model, vllm_server, stack, MIN_TOKENS_PER_SECOND_PER_USER="1000000")
+    consumer = dispatcher.serve(model, vllm_server, stack, MIN_TOKENS_PER_SECOND_PER_USER="1000000",
+                                BURST_GRANTS="1")
     client = dispatcher.client()
     first = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=1500, stream=True,
                                            extra_body=EXACT)
@@ -257,3 +258,31 @@ def test_priority_header_orders_vllms_own_queue(dispatcher: Dispatcher, vllm_fea
         for future in (*blockers, through, later):
             future.result(timeout=120)
     assert order == ["direct", "dispatcher"]  # in the order their first events came: when vLLM admitted them
+
+
+# --- usage: what the dispatcher records is vLLM's own count
+
+@pytest.mark.parametrize("case", ["whole", "stream-include-usage", "stream-forced-usage"])
+def test_recorded_usage_is_vllms_own(dispatcher: Dispatcher, vllm_server: VLLMServer, vllm_featured: VLLMServer,
+                                     case: str) -> None:
+    """The tokens the sender records (dispatcher_tokens_total, what /v1/usage adds up) equal the usage vLLM
+    returned: in a whole answer, in a stream that asked for it, and in a stream of a server started with
+    --enable-force-include-usage, where every chunk carries the running total and only the last counts."""
+    server = vllm_featured if case == "stream-forced-usage" else vllm_server
+
+    def recorded(kind: str) -> float:
+        return metric_sum(dispatcher.sender.metrics_url, "dispatcher_tokens_total", model=server.name, kind=kind)
+
+    before = {kind: recorded(kind) for kind in ("prompt", "completion")}
+    client = dispatcher.client()
+    if case == "whole":
+        usage = client.chat.completions.create(model=server.name, messages=PROMPT, max_tokens=12).usage
+    else:
+        options = {"stream_options": {"include_usage": True}} if case == "stream-include-usage" else {}
+        chunks = list(client.chat.completions.create(model=server.name, messages=PROMPT, max_tokens=12, stream=True,
+                                                     **options))
+        usage = [chunk.usage for chunk in chunks if chunk.usage][-1]
+    assert usage is not None and usage.completion_tokens > 0
+    wait_until(lambda: recorded("completion") - before["completion"] == usage.completion_tokens, timeout_s=10,
+               what=f"{usage.completion_tokens} completion tokens recorded")
+    assert recorded("prompt") - before["prompt"] == usage.prompt_tokens
