@@ -597,6 +597,11 @@ class Metrics:
         gauge("dispatcher_consumer_tokens_per_second_per_request",
               "Generation rate / running requests: the speed each user gets, compared with "
               "MIN_TOKENS_PER_SECOND_PER_USER.", lambda s: value_or_nan(s.speed_per_request()))
+        gauge("dispatcher_consumer_slots_cap", "MAX_PARALLEL_REQUESTS of the server: slots_used never exceeds it.",
+              lambda s: s.max_parallel)
+        prom.Gauge("dispatcher_consumer_min_tokens_per_second_per_user", "The speed floor "
+                   "(MIN_TOKENS_PER_SECOND_PER_USER) that tokens_per_second_per_request is held to; 0: off.",
+                   registry=registry).set_function(lambda: capacity.min_speed)
         blocked = prom.Gauge("dispatcher_consumer_blocked", "1 for the reason why the server takes no request now "
                              "(unhealthy, full, vllm_waiting, burst, speed); all 0 when it can take one.",
                              ["server", "reason"], registry=registry)

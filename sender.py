@@ -208,6 +208,7 @@ class Metrics:
     requests: prom.Counter
     token_queries: prom.Counter
     grant_wait: prom.Histogram
+    shed: prom.Counter
     time_to_first_byte: prom.Histogram
     in_flight: prom.Gauge
     queue_waiting: prom.Gauge
@@ -223,8 +224,12 @@ class Metrics:
                                        "result (found, unknown, failed): one per token however many requests "
                                        "wait for it.", ["result"], registry=registry),
             grant_wait=prom.Histogram(
-                "dispatcher_grant_wait_seconds", "Time from queueing to grant.", ["model"], registry=registry,
+                "dispatcher_grant_wait_seconds", "Time from queueing to grant, by model and effective priority.",
+                ["model", "priority"], registry=registry,
                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)),
+            shed=prom.Counter("dispatcher_shed", "Requests refused at once with 429, by model and reason: "
+                              "queue_full (threshold), token_limit (max_in_flight), queue_timeout (X-Queue-Timeout).",
+                              ["model", "reason"], registry=registry),
             time_to_first_byte=prom.Histogram(
                 "dispatcher_upstream_time_to_first_byte_seconds", "Time from sending to vLLM to its response head.",
                 ["model"], registry=registry,
@@ -1270,7 +1275,11 @@ async def proxy(service: Service, client: ClientConnection, request: Request, to
         raise model_not_found(model)
     # 3. check threshold, cap and deadline
     state = service.queue
-    check_admission(state, model, token, priority, timeout_s)
+    try:
+        check_admission(state, model, token, priority, timeout_s)
+    except ApiError as error:
+        service.metrics.shed.labels(model, error.code or "").inc()
+        raise
     # 4. acquire grant
     queued_at = time.monotonic()
     wait_s = config.grant_timeout_s if timeout_s is None else min(timeout_s, config.grant_timeout_s)
@@ -1286,7 +1295,7 @@ async def proxy(service: Service, client: ClientConnection, request: Request, to
     finally:
         state.remove_waiting(model, token.name, priority)
     granted_at = time.monotonic()
-    service.metrics.grant_wait.labels(model).observe(granted_at - queued_at)
+    service.metrics.grant_wait.labels(model, str(priority)).observe(granted_at - queued_at)
     meter = outcome["usage"] = UsageMeter()  # from here on the request counts as used (log_outcome records it)
     outcome["token"], outcome["wait_ms"] = token.name, (granted_at - queued_at) * 1000
     in_flight = service.metrics.in_flight.labels(model)

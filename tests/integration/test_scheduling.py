@@ -192,5 +192,5 @@ def test_sender_metrics_count_requests_by_model_status_and_priority(stack: Stack
         ask(sender, tokens.low, unique_model, "counted")
     labels = f'model="{unique_model}",priority="1",status="200"'
     assert metric_value(sender, f"dispatcher_requests_total{{{labels}}}") == 3
-    assert metric_value(sender, f'dispatcher_grant_wait_seconds_count{{model="{unique_model}"}}') == 3
+    assert metric_value(sender, f'dispatcher_grant_wait_seconds_count{{model="{unique_model}",priority="1"}}') == 3
     assert metric_value(sender, f'dispatcher_requests_in_flight{{model="{unique_model}"}}') == 0

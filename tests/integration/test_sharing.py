@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from tests.helpers import http, wait_until
-from tests.integration.conftest import Service, Stack, Tokens
+from tests.integration.conftest import Service, Stack, Tokens, metric_value
 
 PROMPT = [{"role": "user", "content": "hello"}]
 # Each request holds its slot for about 0.3 s (15 tokens at 20 ms, whatever else runs).
@@ -115,6 +115,7 @@ def test_counts_are_shared_between_senders_and_a_stopped_sender_leaves_none(
         with pytest.raises(openai.RateLimitError) as caught:
             client(second, tokens.strict).chat.completions.create(model=unique_model, messages=PROMPT, max_tokens=1)
         assert caught.value.body["code"] == "queue_full"
+        assert metric_value(second, f'dispatcher_shed_total{{model="{unique_model}",reason="queue_full"}}') == 1
         first.kill()
         wait_until(lambda: queue_of(second, tokens.strict, unique_model)["waiting"] == 0, timeout_s=5,
                    what="the dead sender's requests to stop counting")
@@ -242,6 +243,7 @@ def test_per_token_cap_holds_over_two_senders(stack: Stack, tokens: Tokens, uniq
             client(second, capped).chat.completions.create(model=unique_model, messages=PROMPT, max_tokens=1)
         assert caught.value.body["code"] == "token_limit"
         assert int(caught.value.response.headers["retry-after"]) >= 1
+        assert metric_value(second, f'dispatcher_shed_total{{model="{unique_model}",reason="token_limit"}}') == 1
         held.close()
         assert waiting.result(30).choices
     wait_until(lambda: queue_of(second, capped, unique_model)["your_running"] == 0, timeout_s=5,

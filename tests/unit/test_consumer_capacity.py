@@ -554,6 +554,8 @@ def test_metrics_show_why_a_server_takes_nothing():
     assert (value("dispatcher_consumer_vllm_running"), value("dispatcher_consumer_slots_used")) == (4.0, 4.0)
     assert value("dispatcher_consumer_blocked", reason="speed") == 1.0
     assert value("dispatcher_consumer_blocked", reason="full") == 0.0
+    assert value("dispatcher_consumer_slots_cap") == 8.0
+    assert registry.get_sample_value("dispatcher_consumer_min_tokens_per_second_per_user") == 10.0
     capacity.set_health(url, False, 3.0)
     assert value("dispatcher_consumer_blocked", reason="unhealthy") == 1.0
     assert math.isnan(value("dispatcher_consumer_tokens_per_second_per_request"))
