@@ -658,3 +658,17 @@ def test_monitors_scrape_metrics_with_the_prometheus_labels(rendered: dict[str, 
     }
     for monitor in [*find(objects, "ServiceMonitor"), *find(objects, "PodMonitor")]:
         assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_grafana_dashboard_ships_with_monitoring(rendered: dict[str, Objects]) -> None:
+    """With monitoring on, the dashboard of chart/dashboards/dispatcher.json is a ConfigMap labelled for Grafana's
+    dashboard sidecar; every panel has a unit and a description, and queries Prometheus through the
+    dashboard's data source variable."""
+    [dashboard] = [c for c in find(rendered["monitoring"], "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    document = json.loads(dashboard["data"]["vllm-dispatcher.json"])
+    assert document == json.loads((ROOT / "chart" / "dashboards" / "dispatcher.json").read_text())
+    for panel in document["panels"]:
+        assert panel["description"] and panel["fieldConfig"]["defaults"]["unit"], panel["title"]
+        assert panel["targets"] and all(target["expr"] for target in panel["targets"]), panel["title"]
+    assert not [c for c in find(rendered["default"], "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
