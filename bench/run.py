@@ -123,8 +123,9 @@ def rabbitmq_cpu_s() -> float:
 
 
 class Bench:
-    def __init__(self, short: bool) -> None:
+    def __init__(self, short: bool, database_url: str | None = None) -> None:
         self.short = short
+        self.database_url = database_url
         self.duration_s = 2 if short else 10
         self.processes: dict[str, Process] = {}
         self.ports = {"fake": 18000, "sender": 18080, "probe": 18081, "metrics": 19090}
@@ -151,9 +152,15 @@ class Bench:
             "MODEL": MODEL, "VLLM_URL": self.fake_url, "PROBE_PORT": str(self.ports["probe"]),
             "MAX_PARALLEL_REQUESTS": "1024", "MIN_TOKENS_PER_SECOND_PER_USER": "0"})
         wait_for(lambda: get(self.probe_url + "/ready")[0] == 200, "the consumer")
+        if self.database_url:  # the token store and the usage totals in the database, as deployed
+            for command in (["migrate"], ["load", str(BENCH / "tokens.yaml")]):
+                subprocess.run([PY, "admin.py", *command], cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+                               env={**env, "DATABASE_URL": self.database_url})
+            tokens = {"DATABASE_URL": self.database_url}
+        else:
+            tokens = {"TOKENS_FILE": str(BENCH / "tokens.yaml")}
         spawn("sender", ["sender.py"], {
-            "SENDER_PORT": str(self.ports["sender"]), "METRICS_PORT": str(self.ports["metrics"]),
-            "TOKENS_FILE": str(BENCH / "tokens.yaml")})
+            "SENDER_PORT": str(self.ports["sender"]), "METRICS_PORT": str(self.ports["metrics"]), **tokens})
         wait_for(lambda: MODEL.encode() in self.authorized_get(self.sender_url + "/v1/models"), "the model")
 
     def stop(self) -> None:
@@ -390,16 +397,18 @@ def write_results(path: Path, table: str, section: str = "results") -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--short", action="store_true", help="a few seconds per workload, results in bench/out/")
+    parser.add_argument("--database-url", help="tokens (and usage totals) in this database instead of bench/tokens.yaml "
+                                               "(migrated and loaded by admin.py); results in bench/out/")
     args = parser.parse_args()
-    bench = Bench(args.short)
-    command = "python bench/run.py" + (" --short" if args.short else "")
+    bench = Bench(args.short, args.database_url)
+    command = "python bench/run.py" + (" --short" if args.short else "") + (" --database-url ..." if args.database_url else "")
     try:
         bench.start()
         bench.run()
     finally:
         bench.stop()
     table = bench.report(command)
-    path = BENCH / "out" / "RESULTS.md" if args.short else BENCH / "RESULTS.md"
+    path = BENCH / "out" / "RESULTS.md" if args.short or args.database_url else BENCH / "RESULTS.md"
     write_results(path, table)
     print(f"\n{table}\nwritten to {path.relative_to(ROOT)}")
 
