@@ -26,7 +26,8 @@ class TcpRelay:
         self.loop = asyncio.new_event_loop()
         self.server: asyncio.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
 
     def open(self) -> None:
         """Starts listening on `port`: from now on, connections reach the server."""
@@ -37,8 +38,19 @@ class TcpRelay:
         asyncio.run_coroutine_threadsafe(self._cut(), self.loop).result(5)
 
     def close(self) -> None:
+        """Cuts, ends every relay task (a task left pending on a stopped loop is destroyed later, in
+        whichever test is running then, with an error logged), and closes the loop."""
         self.cut()
+        asyncio.run_coroutine_threadsafe(self._end_tasks(), self.loop).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+    async def _end_tasks(self) -> None:
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _listen(self) -> None:
         self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port, reuse_address=True)
