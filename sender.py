@@ -1569,7 +1569,7 @@ def log_outcome(service: Service, request: Request, outcome: dict[str, Any], sta
         prompt_tokens, completion_tokens, exact = meter.counts()
         service.usage.record(outcome["token"], model, prompt_tokens, completion_tokens, exact)
         ended = outcome.get("ended") or ("client_gone" if status == 499 else "complete")
-        log.info("%s %s model=%s priority=%s status=%s token=%s streamed=%d queue_wait_ms=%.1f total_ms=%.1f "
+        log.info("%s %s model=%s priority=%s status=%s token_name=%s streamed=%d queue_wait_ms=%.1f total_ms=%.1f "
                  "prompt_tokens=%d completion_tokens=%d counts=%s ended=%s", request.method.decode(),
                  path.decode("latin-1"), model, outcome["priority"], status, outcome["token"], meter.streamed,
                  outcome["wait_ms"], (time.monotonic() - started) * 1000, prompt_tokens, completion_tokens,

@@ -81,7 +81,7 @@ def test_non_streamed_answer_is_charged_its_usage(stack: Stack, db: Database, un
     assert metric_value(sender, f'dispatcher_tokens_total{{kind="prompt",{labels}}}') == answer.usage.prompt_tokens
     assert metric_value(sender, f'dispatcher_tokens_total{{kind="completion",{labels}}}') == 5
     (line,) = access_log(sender)
-    assert "token=alice " in line and "streamed=0" in line and "status=200" in line, line
+    assert "token_name=alice " in line and "streamed=0" in line and "status=200" in line, line
     assert f"prompt_tokens={answer.usage.prompt_tokens} completion_tokens=5 counts=exact ended=complete" in line
     assert token not in sender.log()
 
