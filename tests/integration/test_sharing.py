@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 import statistics
 import threading
 import time
@@ -142,7 +143,8 @@ def test_retry_after_follows_the_measured_wait(stack: Stack, tokens: Tokens, uni
     finally:
         backlog.stop()
     print(f"Retry-After {advertised}s, waited {waited:.2f}s")
-    assert waited / 2 <= advertised <= max(1.0, waited * 2)
+    # Within a factor of 2 of the truth, as whole seconds can say it (Retry-After rounds up).
+    assert waited / 2 <= advertised <= max(1, math.ceil(waited * 2))
 
 
 def test_queue_timeout_waits_at_most_that_long_and_is_not_forwarded(stack: Stack, tokens: Tokens,
