@@ -1,10 +1,10 @@
 """Usage accounting: what each token used, per model and hour (UTC), counted in memory and written in batches.
 
-The sender feeds each response it relays to vLLM through a `UsageMeter` (cheap byte searches per
-Data event: no JSON parse per chunk, no copy of the body) and, when the request has ended, hands
-the meter's counts to `UsageRecorder.record`, which only adds to dicts. `UsageWriter` flushes the
-totals to the database every USAGE_FLUSH_SECONDS and at shutdown; nothing on the request path
-waits for the database.
+The sender feeds each response it relays from vLLM through a `UsageMeter` (cheap byte searches per
+read, a stream's chunk framing included: no JSON parse per chunk, no copy of the body) and, when
+the request has ended, hands the meter's counts to `UsageRecorder.record`, which only adds to
+dicts. `UsageWriter` flushes the totals to the database every USAGE_FLUSH_SECONDS and at
+shutdown; nothing on the request path waits for the database.
 
 Counting (DESIGN.md, "Usage accounting"):
 - vLLM's `usage` object when the response carries one: a non-streamed body, or in a stream the
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ USAGE_KEY = b'"usage":'
 USAGE_TEXT_MAX_BYTES = 1024         # a usage object is ~150 bytes; what follows it is kept up to this
 CONTENT_DELTA = (b'"content":"', b'"text":"')   # chat and completions deltas; the empty ones are not tokens
 EMPTY_DELTA = (b'"content":""', b'"text":""')
+CHUNK_FRAMING = re.compile(rb"\r\n[0-9A-Fa-f]{1,16}(?:;[^\r\n]*)?\r\n")  # the end of one chunk, the start of the next
+TAIL_BYTES = max(map(len, (USAGE_KEY, *EMPTY_DELTA))) - 1   # what of a piece a marker cut by a read may hold
 MAX_PENDING_ENTRIES = 100_000       # (token, model, hour) totals kept while the database is away
 MEMORY_DAYS = 366                   # without a database, totals older than this are forgotten
 WRITE_TIMEOUT_S = 10.0              # one batch; a database that does not answer is an outage
@@ -49,20 +52,22 @@ SECONDS_PER_HOUR = 3600
 # One response: what it used
 
 class UsageMeter:
-    """Watches one relayed response for its usage, fed each Data event's bytes as relayed.
+    """Watches one relayed response for its usage, fed the bytes as relayed, in any pieces.
 
-    Per event: two or four `bytes.count` calls (streams only) and one `rfind`; the usage object
-    found last is remembered by reference (no copy) and parsed once, in `counts()`.
+    Per piece: a few `bytes.count` calls (streams only) and one `rfind`, plus the same on the few
+    bytes around the cut from the piece before, so that a marker cut by a read still counts once;
+    the usage object found last is remembered by reference (no copy) and parsed once, in `counts()`.
     """
 
-    __slots__ = ("streamed", "deltas", "_usage_event", "_usage_at", "_usage_rest")
+    __slots__ = ("streamed", "deltas", "_usage_event", "_usage_at", "_usage_rest", "_tail")
 
     def __init__(self) -> None:
         self.streamed = False
         self.deltas = 0                     # non-empty content deltas relayed (streams)
-        self._usage_event: bytes = b""      # the last Data event holding `"usage":`
-        self._usage_at = -1                 # where in it
-        self._usage_rest = b""              # what followed it, for an object split over two events
+        self._usage_event: bytes = b""      # the last piece holding (the value of) `"usage":`
+        self._usage_at = -1                 # where the value starts in it
+        self._usage_rest = b""              # what followed it, for an object split over two pieces
+        self._tail = b""                    # the end of the piece before: markers across the cut
 
     def start(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
         """The response head: a `text/event-stream` is a stream."""
@@ -71,24 +76,33 @@ class UsageMeter:
                 self.streamed = value[:17].lower() == b"text/event-stream"
 
     def feed(self, data: bytes) -> None:
+        tail = self._tail
         if self.streamed:
             for marker, empty in zip(CONTENT_DELTA, EMPTY_DELTA):
                 found = data.count(marker)
                 if found:
                     self.deltas += found - data.count(empty)
+                if tail:  # only an occurrence that straddles the cut fits in these joins
+                    self.deltas += ((tail[-len(marker) + 1:] + data[:len(marker) - 1]).count(marker)
+                                    - (tail[-len(empty) + 1:] + data[:len(empty) - 1]).count(empty))
         # Inside a JSON string a quote is escaped, so `"usage":` is always a key, never content.
         at = data.rfind(USAGE_KEY)
         if at != -1:
             self._usage_event, self._usage_at, self._usage_rest = data, at + len(USAGE_KEY), b""
+        elif tail and (across := (tail[-len(USAGE_KEY) + 1:] + data[:len(USAGE_KEY) - 1]).find(USAGE_KEY)) != -1:
+            self._usage_event, self._usage_at, self._usage_rest = data, across + 1, b""
         elif self._usage_at != -1 and len(self._usage_rest) < USAGE_TEXT_MAX_BYTES:
             self._usage_rest += data[:USAGE_TEXT_MAX_BYTES]
+        self._tail = data[-TAIL_BYTES:] if len(data) >= TAIL_BYTES else (tail + data)[-TAIL_BYTES:]
 
     def usage(self) -> tuple[int, int] | None:
         """(prompt_tokens, completion_tokens) of the last usage object relayed, if there was one."""
         if self._usage_at == -1:
             return None
-        return parse_usage(bytes(self._usage_event[self._usage_at:self._usage_at + USAGE_TEXT_MAX_BYTES])
-                           + self._usage_rest)
+        text = bytes(self._usage_event[self._usage_at:self._usage_at + USAGE_TEXT_MAX_BYTES]) + self._usage_rest
+        if b"\r\n" in text:  # JSON holds no raw CRLF: an HTTP chunk's framing cut the object (vLLM never does)
+            text = CHUNK_FRAMING.sub(b"", text)
+        return parse_usage(text)
 
     def counts(self) -> tuple[int, int, bool]:
         """(prompt_tokens, completion_tokens, exact) to charge for what was relayed."""

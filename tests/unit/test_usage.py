@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
+import hypothesis
 import orjson
 import pytest
+from hypothesis import strategies as st
 
 from usage import Totals, UsageMeter, UsageRecorder, UsageWriter, daily_rows, parse_usage
 
@@ -66,6 +68,34 @@ def test_meter_finds_a_usage_split_over_two_events() -> None:
     whole = event({**HEAD, "choices": [], "usage": USAGE})
     cut = whole.index(b'"completion_tokens"')
     assert meter_of(SSE, [*STREAM, whole[:cut], whole[cut:], DONE]).counts() == (7, 3, True)
+
+
+@pytest.mark.parametrize("marker", [b'"usage":', b'"content":"', b'"content":""'])
+def test_meter_counts_a_marker_cut_by_a_read(marker) -> None:
+    """A read can end inside `"usage":` or a content delta's key: the count is the same as unsplit."""
+    whole = b"".join([*STREAM, delta(""), event({**HEAD, "choices": [], "usage": USAGE}), DONE])
+    at = whole.index(marker)
+    for cut in range(at + 1, at + len(marker)):
+        meter = meter_of(SSE, [whole[:cut], whole[cut:]])
+        assert (meter.counts(), meter.deltas) == ((7, 3, True), 3), cut
+    if marker != b'"usage":':  # without a usage, the estimate counts the same
+        stream = b"".join([*STREAM, delta(""), DONE])
+        at = stream.index(marker)
+        for cut in range(at + 1, at + len(marker)):
+            assert meter_of(SSE, [stream[:cut], stream[cut:]]).counts() == (0, 3, False), cut
+
+
+@hypothesis.settings(max_examples=200, derandomize=True, deadline=None, database=None)
+@hypothesis.given(cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=12), forced=st.booleans())
+def test_meter_counts_the_same_however_the_reads_fall(cuts, forced) -> None:
+    """What a stream is charged does not depend on where vLLM's bytes were split into reads."""
+    usage = {"usage": {**USAGE, "completion_tokens": 1}} if forced else {}
+    parts = [delta(None), *(delta(text, **usage) for text in ("a", "", "b", "c")),
+             event({**HEAD, "choices": [], "usage": USAGE}) if forced else b"", DONE]
+    whole = b"".join(parts)
+    bounds = sorted({0, len(whole), *(cut % (len(whole) + 1) for cut in cuts)})
+    reads = [whole[start:end] for start, end in zip(bounds, bounds[1:])]
+    assert meter_of(SSE, reads).counts() == meter_of(SSE, [whole]).counts() == ((7, 3, True) if forced else (0, 3, False))
 
 
 def test_meter_charges_a_departed_client_what_was_relayed() -> None:
