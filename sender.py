@@ -33,6 +33,7 @@ import itertools
 import logging
 import math
 import os
+import re
 import signal
 import ssl
 import sys
@@ -101,6 +102,10 @@ DROPPED_REQUEST_HEADERS = HOP_BY_HOP | {b"host", b"authorization", b"x-priority"
 
 # The last event of an OpenAI stream: a client may leave as soon as it has it (see relay_response).
 SSE_DONE = b"data: [DONE]\n\n"
+SSE_DONE_CHUNK_END = SSE_DONE + b"\r\n"     # the same at the end of its HTTP chunk
+DONE_CHUNK_TAIL_BYTES = len(SSE_DONE_CHUNK_END)
+MAX_CHUNK_LINE_BYTES = 16 * 1024            # a chunk's size line (extensions included) or a trailer line
+CHUNK_HEAD = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n")  # a chunk's size line (RFC 9112 §7.1)
 
 JSON_HEADERS = ((b"content-type", b"application/json"),)
 CLOSE_HEADER = ((b"connection", b"close"),)
@@ -690,7 +695,7 @@ class Origin:
 
 
 class UpstreamConnection:
-    __slots__ = ("origin", "reader", "writer", "h11", "idle_since", "relayed_done")
+    __slots__ = ("origin", "reader", "writer", "h11", "idle_since", "relayed_done", "body", "keep_alive")
 
     def __init__(self, origin: Origin, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.origin = origin
@@ -699,6 +704,8 @@ class UpstreamConnection:
         self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
         self.relayed_done = False   # the client has the stream's last event; only vLLM's terminator may be missing
+        self.body: ChunkedBody | None = None    # a chunked body relayed as it came: h11 saw only the head
+        self.keep_alive = False     # of that response
 
     async def send_request(self, request: h11.Request, body: bytes) -> None:
         # send_with_data_passthrough hands the body back as is: a large upload is not copied again.
@@ -718,7 +725,31 @@ class UpstreamConnection:
             self.h11.receive_data(data)
 
     def is_reusable(self) -> bool:
+        if self.body is not None:
+            return self.body.ended and not self.body.extra and self.keep_alive
         return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+
+    def is_in_body(self) -> bool:
+        """The response's body has not all come (whatever the client has)."""
+        return not self.body.ended if self.body is not None else self.h11.their_state is h11.SEND_BODY
+
+    def start_next_cycle(self) -> None:
+        if self.body is not None:  # h11 still thinks the body is coming: a new one for the next exchange
+            self.h11, self.body = h11.Connection(h11.CLIENT), None
+        else:
+            self.h11.start_next_cycle()
+
+    async def finish_body(self, timeout_s: float) -> bool:
+        """Reads the rest of the response's body (not relayed); whether it ended in time."""
+        async with asyncio.timeout(timeout_s):
+            if self.body is None:
+                return type(await self.next_event(timeout_s)) is h11.EndOfMessage
+            while not self.body.ended:
+                data = await self.reader.read(READ_CHUNK_BYTES)
+                if not data:
+                    return False
+                self.body.feed(data)
+            return True
 
     def is_fresh(self, now: float) -> bool:
         """An idle connection still worth sending on: not closed by vLLM, not about to be."""
@@ -763,14 +794,14 @@ class UpstreamPool:
     def release(self, connection: UpstreamConnection) -> None:
         """Keeps the connection for the next request if the exchange completed, else closes it."""
         if not connection.is_reusable():
-            if connection.relayed_done and connection.h11.their_state is h11.SEND_BODY:
+            if connection.relayed_done and connection.is_in_body():
                 task = asyncio.create_task(self._finish(connection))
                 self._finishing.add(task)
                 task.add_done_callback(self._finishing.discard)
             else:
                 connection.close()
             return
-        connection.h11.start_next_cycle()
+        connection.start_next_cycle()
         connection.idle_since = time.monotonic()
         idle = self._idle.setdefault(connection.origin, deque())
         if len(idle) >= UPSTREAM_POOL_SIZE:
@@ -799,13 +830,13 @@ class UpstreamPool:
     async def _finish(self, connection: UpstreamConnection) -> None:
         """Reads the end of a stream whose client left after its last event: vLLM often writes the
         chunked terminator a moment after `data: [DONE]`. Anything else, or nothing, closes it."""
-        event = None
+        ended = False
         try:
-            event = await connection.next_event(UPSTREAM_FINISH_TIMEOUT_S)
-        except (OSError, TimeoutError, h11.ProtocolError):
+            ended = await connection.finish_body(UPSTREAM_FINISH_TIMEOUT_S)
+        except (OSError, TimeoutError, h11.ProtocolError, ValueError):
             pass
         finally:  # cancelled at shutdown too: the connection is closed then
-            if type(event) is h11.EndOfMessage:
+            if ended:
                 self.release(connection)
             else:
                 connection.close()
@@ -1205,6 +1236,141 @@ async def send_upstream(service: Service, grant: Grant, request: Request, body: 
     raise AssertionError("unreachable")
 
 
+class ChunkedBody:
+    """Follows a chunked body through vLLM's reads without cutting it into events.
+
+    `feed` returns the part of each read to relay as it came, framing and all: every chunk before
+    the last (zero-size) one. A size line cut by a read is held back until it is known not to be
+    the last chunk's. The last chunk, its trailers and anything after them are not relayed (the
+    client's side writes its own last chunk). Per chunk: a `find`, a slice and an `int`; the data
+    is never copied. A malformed body is a ValueError.
+    """
+
+    __slots__ = ("state", "left", "line", "ended", "extra")
+
+    SIZE, DATA, DATA_END, TRAILERS = range(4)
+
+    def __init__(self) -> None:
+        self.state = self.SIZE
+        self.left = 0           # data bytes of the current chunk still to come
+        self.line = b""         # a line cut by the end of the previous read
+        self.ended = False      # the last chunk and its trailers have come
+        self.extra = False      # bytes came after the end: the connection cannot be reused
+
+    def feed(self, data: bytes) -> list[bytes]:
+        parts: list[bytes] = []
+        relay_from: int | None = None if self.state == self.TRAILERS else 0  # None: the last chunk has begun
+        pos, size = 0, len(data)
+        while pos < size:
+            state = self.state
+            if state == self.SIZE and not self.line:  # whole chunks, the usual case: a regex and a compare each
+                head = CHUNK_HEAD.match(data, pos)
+                while head is not None and (length := int(head[1], 16)):
+                    end = head.end() + length
+                    if data[end:end + 2] != b"\r\n":
+                        break
+                    pos = end + 2
+                    head = CHUNK_HEAD.match(data, pos)
+                if pos == size:
+                    break
+            if state == self.DATA:
+                step = min(self.left, size - pos)
+                pos += step
+                self.left -= step
+                if self.left == 0:
+                    if data[pos:pos + 2] == b"\r\n":
+                        pos += 2
+                        self.state = self.SIZE
+                    else:
+                        self.state = self.DATA_END
+                continue
+            start = pos
+            newline = data.find(b"\n", pos)
+            if newline == -1:
+                if len(self.line) + size - pos > MAX_CHUNK_LINE_BYTES:
+                    raise ValueError("a chunk line too long")
+                self.line += data[pos:]
+                if state == self.SIZE and relay_from is not None:  # could be the last chunk's: held back
+                    if start > relay_from:
+                        parts.append(data[relay_from:start])
+                    return parts
+                break
+            held, line = self.line, self.line + data[pos:newline]
+            self.line = b""
+            pos = newline + 1
+            if line[-1:] != b"\r" or len(line) > MAX_CHUNK_LINE_BYTES:
+                raise ValueError("a chunk line not ended by CRLF")
+            if state == self.SIZE:
+                head = CHUNK_HEAD.fullmatch(line + b"\n")
+                if head is None:
+                    raise ValueError("a bad chunk size")
+                self.left = int(head[1], 16)
+                if self.left:
+                    if held:
+                        parts.append(held)  # the start of this line, held back from the read before
+                    self.state = self.DATA
+                else:  # the last chunk: what came before this line is the body
+                    if relay_from is not None and start > relay_from:
+                        parts.append(data[relay_from:start])
+                    relay_from = None
+                    self.state = self.TRAILERS
+            elif state == self.DATA_END:
+                if line != b"\r":
+                    raise ValueError("chunk data longer than its size")
+                self.state = self.SIZE
+            elif line == b"\r":  # the empty line after the trailers
+                self.ended = True
+                self.extra = pos < size
+                break
+        if relay_from is not None:
+            parts.append(data if relay_from == 0 else data[relay_from:])
+        return parts
+
+
+def is_chunked(head: h11.Response) -> bool:
+    return head.status_code not in (204, 304) and (b"transfer-encoding", b"chunked") in head.headers
+
+
+async def relay_chunks(client: ClientConnection, connection: UpstreamConnection, head: h11.Response,
+                       timeout_s: float, meter: UsageMeter) -> None:
+    """relay_response for a chunked body (every stream) to an HTTP/1.1 client: each read of vLLM's
+    goes out in one write as it came, its chunks' framing included (`ChunkedBody`)."""
+    out = client.encode(h11.Response(status_code=head.status_code, headers=response_headers(head.headers),
+                                     reason=head.reason, _parsed=True))
+    body = connection.body = ChunkedBody()
+    connection.relayed_done = False
+    connection.keep_alive = head.http_version == b"1.1" and b"close" not in listed_in_connection(head.headers)
+    data = connection.h11.trailing_data[0]  # what came with the head; h11 has not looked at it
+    tail = b""
+    while True:
+        if data:
+            try:
+                parts = body.feed(data)
+            except ValueError as exc:
+                client.write_all(out)
+                raise UpstreamError(f"vLLM sent a bad chunked body: {exc}", before_response=False) from None
+            for part in parts:
+                meter.feed(part)
+                tail = part[-DONE_CHUNK_TAIL_BYTES:] if len(part) >= DONE_CHUNK_TAIL_BYTES else (
+                    tail + part)[-DONE_CHUNK_TAIL_BYTES:]
+            out += parts
+        if body.ended:
+            client.write_all(out + client.encode(h11.EndOfMessage()))
+            await client.drain()
+            return
+        client.write_all(out)
+        out = []
+        await client.drain()
+        connection.relayed_done = tail.endswith(SSE_DONE_CHUNK_END)
+        try:
+            async with asyncio.timeout(timeout_s):
+                data = await connection.reader.read(READ_CHUNK_BYTES)
+        except (OSError, TimeoutError) as exc:
+            raise UpstreamError(f"vLLM failed mid-response: {type(exc).__name__}", before_response=False) from None
+        if not data:
+            raise UpstreamError("vLLM closed the connection mid-response", before_response=False)
+
+
 async def relay_response(client: ClientConnection, connection: UpstreamConnection, head: h11.Response,
                          timeout_s: float, meter: UsageMeter) -> None:
     """Streams vLLM's response to the client as it arrives, with back-pressure on a slow client.
@@ -1215,7 +1381,10 @@ async def relay_response(client: ClientConnection, connection: UpstreamConnectio
     looked at, once per read), the stream counts as delivered even if the client leaves before
     vLLM's terminator, which often comes in a write of its own.
     `meter` sees each Data event as relayed (byte searches, no parse): usage counts what was relayed.
+    A chunked body to an HTTP/1.1 client, every stream, takes `relay_chunks` instead.
     """
+    if is_chunked(head) and client.h11.their_http_version == b"1.1":
+        return await relay_chunks(client, connection, head, timeout_s, meter)
     out = client.encode(h11.Response(status_code=head.status_code, headers=response_headers(head.headers),
                                      reason=head.reason, _parsed=True))  # headers h11 parsed, as above
     upstream = connection.h11

@@ -520,14 +520,75 @@ async def test_malformed_request_after_a_head_gets_its_error_body(start_proxy, c
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
 
-async def test_upstream_closing_mid_stream_is_logged_as_upstream_failure(start_proxy, upstream, caplog) -> None:
-    """vLLM dying mid-stream (a clean close, no reset): no traceback, the access log and the metrics say 502,
-    and the client sees the connection closed without the final chunk."""
+SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+SSE_EVENTS = (b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n', b'data: {"choices":[{"delta":{"content":"b"}}]}\n\n',
+              b"data: [DONE]\n\n")
+SSE_CHUNKS = b"".join(b"%x%s\r\n%s\r\n" % (len(event), extension, event)  # vLLM sends no extension; a server may
+                      for event, extension in zip(SSE_EVENTS, (b"", b";ext=1", b"")))
+
+
+async def read_chunked_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """(head, body as framed on the wire) of one chunked response."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    body = b""
+    while not body.endswith(b"\r\n0\r\n\r\n"):
+        data = await asyncio.wait_for(reader.read(65536), 5)
+        assert data, f"the sender closed the connection after {body!r}"
+        body += data
+    return head, body
+
+
+async def test_stream_reaches_the_client_chunk_for_chunk_on_a_reused_vllm_connection(start_proxy, upstream) -> None:
+    """A stream goes to the client framed as vLLM framed it (chunk sizes and extensions too), and the
+    vLLM connection, its body read to the end, serves the next request."""
+    scripted, url = await keep_alive_upstream(upstream, SSE_HEAD + SSE_CHUNKS + b"0\r\n\r\n")
+    proxy = await start_proxy(url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    for _ in range(5):
+        writer.write(post_head(b"content-length: %d" % len(CHAT)) + CHAT)
+        head, body = await read_chunked_response(reader)
+        assert head.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding: chunked" in head.lower()
+        assert body == SSE_CHUNKS + b"0\r\n\r\n"
+    writer.close()
+    assert scripted.connections == 1
+    assert len(proxy.capacity.released) == 5
+
+
+async def test_stream_from_a_vllm_connection_that_closes_is_not_pooled(start_proxy, upstream) -> None:
+    """`Connection: close` from vLLM: the stream is relayed whole, the connection is never sent on again."""
+    scripted, url = await keep_alive_upstream(upstream, SSE_HEAD.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n")
+                                              + SSE_CHUNKS + b"0\r\n\r\n")
+    proxy = await start_proxy(url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    for _ in range(3):
+        writer.write(post_head(b"content-length: %d" % len(CHAT)) + CHAT)
+        assert (await read_chunked_response(reader))[1] == SSE_CHUNKS + b"0\r\n\r\n"
+    writer.close()
+    assert scripted.connections == 3
+
+
+async def test_stream_to_an_http_1_0_client_ends_with_the_connection(start_proxy, upstream) -> None:
+    """HTTP/1.0 has no chunks: the events go out unframed and the close ends the body."""
+    scripted, url = await upstream(answer=SSE_HEAD + SSE_CHUNKS + b"0\r\n\r\n")
+    proxy = await start_proxy(url)
+    answer = await exchange_raw(proxy.port, post_head(b"content-length: %d" % len(CHAT), version=b"1.0") + CHAT)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding" not in head.lower()
+    assert body == b"".join(SSE_EVENTS)
+
+
+@pytest.mark.parametrize("then", [b"", b"zz\r\nnot a chunk\r\n"], ids=["closes", "bad-chunk"])
+async def test_upstream_failing_mid_stream_is_logged_as_upstream_failure(start_proxy, upstream, caplog, then) -> None:
+    """vLLM dying mid-stream (a clean close, no reset) or breaking its chunked framing: no traceback, the
+    access log and the metrics say 502, and the client sees the connection closed without the final chunk."""
     async def handler(reader, writer):
         await scripted.read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
                      b"d\r\ndata: first\n\n\r\n")
         await writer.drain()
+        if then:
+            writer.write(then)
+            await reader.read()  # open until the sender closes it
 
     scripted, url = await upstream(handler)
     proxy = await start_proxy(url)
