@@ -92,6 +92,8 @@ class QueueState:
     # -- the counts over every sender (read on the request path: no I/O) --
 
     def _fresh_others(self) -> list[Snapshot]:
+        if not self._others:  # one sender: nothing to look at, several times a request
+            return []
         now = self._clock()
         for sender in [sender for sender, snapshot in self._others.items() if snapshot.expires <= now]:
             del self._others[sender]

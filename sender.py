@@ -208,45 +208,66 @@ def broker_unavailable() -> ApiError:
 # ---------------------------------------------------------------------------------------------
 # Metrics
 
+class Children:
+    """A metric whose children the request path looks up, kept by label values: prometheus_client's
+    `labels()` takes a lock and checks every value on each call, several times a request. For
+    metrics whose children are never removed; anything else is the metric's own."""
+
+    __slots__ = ("metric", "children")
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self.children: dict[tuple[str, ...], Any] = {}
+
+    def labels(self, *values: str) -> Any:
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[values] = self.metric.labels(*values)
+        return child
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.metric, name)
+
+
 @dataclass(frozen=True, slots=True)
 class Metrics:
-    requests: prom.Counter
+    requests: Children
     token_queries: prom.Counter
-    grant_wait: prom.Histogram
+    grant_wait: Children
     shed: prom.Counter
-    time_to_first_byte: prom.Histogram
-    in_flight: prom.Gauge
+    time_to_first_byte: Children
+    in_flight: Children
     queue_waiting: prom.Gauge
-    tokens: prom.Counter
+    tokens: Children
     usage_dropped: prom.Counter
 
     @classmethod
     def create(cls, registry: prom.CollectorRegistry) -> Metrics:
         return cls(
-            requests=prom.Counter("dispatcher_requests", "Requests answered, by model, status and priority.",
-                                  ["model", "status", "priority"], registry=registry),
+            requests=Children(prom.Counter("dispatcher_requests", "Requests answered, by model, status and priority.",
+                                           ["model", "status", "priority"], registry=registry)),
             token_queries=prom.Counter("dispatcher_token_queries", "Token lookups the cache could not answer, by "
                                        "result (found, unknown, failed): one per token however many requests "
                                        "wait for it.", ["result"], registry=registry),
-            grant_wait=prom.Histogram(
+            grant_wait=Children(prom.Histogram(
                 "dispatcher_grant_wait_seconds", "Time from queueing to grant, by model and effective priority.",
                 ["model", "priority"], registry=registry,
-                buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)),
+                buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))),
             shed=prom.Counter("dispatcher_shed", "Requests refused at once with 429, by model and reason: "
                               "queue_full (threshold), token_limit (max_in_flight), queue_timeout (X-Queue-Timeout).",
                               ["model", "reason"], registry=registry),
-            time_to_first_byte=prom.Histogram(
+            time_to_first_byte=Children(prom.Histogram(
                 "dispatcher_upstream_time_to_first_byte_seconds", "Time from sending to vLLM to its response head.",
                 ["model"], registry=registry,
-                buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)),
-            in_flight=prom.Gauge("dispatcher_requests_in_flight", "Requests holding a grant, by model.",
-                                 ["model"], registry=registry),
+                buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))),
+            in_flight=Children(prom.Gauge("dispatcher_requests_in_flight", "Requests holding a grant, by model.",
+                                          ["model"], registry=registry)),
             queue_waiting=prom.Gauge("dispatcher_queue_waiting", "Requests waiting for a grant for the model, "
                                      "all senders, as the threshold check sees it (refreshed every 250 ms).", ["model"],
                                      registry=registry),
-            tokens=prom.Counter("dispatcher_tokens", "Tokens used, by model, token name and kind (prompt, "
-                                "completion); estimated from the streamed deltas when vLLM sent no usage.",
-                                ["model", "token", "kind"], registry=registry),
+            tokens=Children(prom.Counter("dispatcher_tokens", "Tokens used, by model, token name and kind (prompt, "
+                                         "completion); estimated from the streamed deltas when vLLM sent no usage.",
+                                         ["model", "token", "kind"], registry=registry)),
             usage_dropped=prom.Counter("dispatcher_usage_dropped", "Requests whose usage was not recorded in the "
                                        "database: the buffer of unwritten totals was full, or the last write at "
                                        "shutdown failed.", registry=registry),
@@ -1332,11 +1353,10 @@ def is_chunked(head: h11.Response) -> bool:
 
 
 async def relay_chunks(client: ClientConnection, connection: UpstreamConnection, head: h11.Response,
-                       timeout_s: float, meter: UsageMeter) -> None:
-    """relay_response for a chunked body (every stream) to an HTTP/1.1 client: each read of vLLM's
-    goes out in one write as it came, its chunks' framing included (`ChunkedBody`)."""
-    out = client.encode(h11.Response(status_code=head.status_code, headers=response_headers(head.headers),
-                                     reason=head.reason, _parsed=True))
+                       out: list[bytes], timeout_s: float, meter: UsageMeter) -> None:
+    """relay_response for a chunked body (every stream) to an HTTP/1.1 client, after the head in
+    `out`: each read of vLLM's goes out in one write as it came, its chunks' framing included
+    (`ChunkedBody`)."""
     body = connection.body = ChunkedBody()
     connection.relayed_done = False
     connection.keep_alive = head.http_version == b"1.1" and b"close" not in listed_in_connection(head.headers)
@@ -1383,10 +1403,12 @@ async def relay_response(client: ClientConnection, connection: UpstreamConnectio
     `meter` sees each Data event as relayed (byte searches, no parse): usage counts what was relayed.
     A chunked body to an HTTP/1.1 client, every stream, takes `relay_chunks` instead.
     """
+    headers = response_headers(head.headers)
+    meter.start(headers)
+    out = client.encode(h11.Response(status_code=head.status_code, headers=headers, reason=head.reason,
+                                     _parsed=True))  # headers h11 parsed, as above
     if is_chunked(head) and client.h11.their_http_version == b"1.1":
-        return await relay_chunks(client, connection, head, timeout_s, meter)
-    out = client.encode(h11.Response(status_code=head.status_code, headers=response_headers(head.headers),
-                                     reason=head.reason, _parsed=True))  # headers h11 parsed, as above
+        return await relay_chunks(client, connection, head, out, timeout_s, meter)
     upstream = connection.h11
     reader = connection.reader
     before = last = b""
@@ -1482,7 +1504,6 @@ async def proxy(service: Service, client: ClientConnection, request: Request, to
                            code="upstream_unreachable") from None
         service.metrics.time_to_first_byte.labels(model).observe(time.monotonic() - granted_at)
         outcome["status"] = head.status_code
-        meter.start(head.headers)
         # 6. relay response
         await relay_response(client, connection, head, config.upstream_timeout_s, meter)
     finally:
@@ -1737,6 +1758,8 @@ def log_outcome(service: Service, request: Request, outcome: dict[str, Any], sta
     if meter is not None:  # forwarded to vLLM: the usage record, in memory, and its log line
         prompt_tokens, completion_tokens, exact = meter.counts()
         service.usage.record(outcome["token"], model, prompt_tokens, completion_tokens, exact)
+        if not log.isEnabledFor(logging.INFO):
+            return
         ended = outcome.get("ended") or ("client_gone" if status == 499 else "complete")
         log.info("%s %s model=%s priority=%s status=%s token_name=%s streamed=%d queue_wait_ms=%.1f total_ms=%.1f "
                  "prompt_tokens=%d completion_tokens=%d counts=%s ended=%s", request.method.decode(),

@@ -120,17 +120,15 @@ def parse_usage(text: bytes) -> tuple[int, int] | None:
     start = len(text) - len(text.lstrip())
     if text[start:start + 1] != b"{":
         return None
-    depth = 0
-    for end in range(start, len(text)):  # a usage holds numbers, null and flat objects: no braces in strings
-        byte = text[end]
-        if byte == 0x7B:
-            depth += 1
-        elif byte == 0x7D:
-            depth -= 1
-            if depth == 0:
-                break
-    else:
-        return None
+    depth, at = 0, start  # a usage holds numbers, null and flat objects: no braces in strings
+    while True:
+        end = text.find(b"}", at)
+        if end == -1:
+            return None
+        depth += text.count(b"{", at, end) - 1
+        if depth == 0:
+            break
+        at = end + 1
     try:
         usage = orjson.loads(text[start:end + 1])
     except orjson.JSONDecodeError:
@@ -211,12 +209,16 @@ class UsageRecorder:
         self._on_tokens = on_tokens
         self._on_dropped = on_dropped
         self._dropping = False  # logged once per episode of a full buffer
+        self._hour = (-float(SECONDS_PER_HOUR), hour_of(0))  # (start, as a datetime) of the hour last recorded in
 
     def record(self, token: str, model: str, prompt_tokens: int, completion_tokens: int, exact: bool,
                now: float | None = None) -> None:
         """One request's counts: dict additions only (the request path calls this)."""
         counts = Totals(1, prompt_tokens, completion_tokens, 0 if exact else 1)
-        key = (token, model, hour_of(time.time() if now is None else now))
+        now = time.time() if now is None else now
+        if not 0 <= now - self._hour[0] < SECONDS_PER_HOUR:  # a datetime once an hour, not once a request
+            self._hour = (now - now % SECONDS_PER_HOUR, hour_of(now))
+        key = (token, model, self._hour[1])
         self._on_tokens(token, model, prompt_tokens, completion_tokens)
         if self.memory is not None:
             self.memory.setdefault(key, Totals()).add(counts)
