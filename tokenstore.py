@@ -48,6 +48,7 @@ CONNECT_DELAY_MIN_S = 0.25          # the sender's first connection: back-off wh
 CONNECT_DELAY_MAX_S = 5.0
 SENDER_POOL_SIZE = 8
 MIGRATION_LOCK_WAIT_S = 60
+USAGE_BATCH_DAYS = 7                # usage batch ids are kept this long: a retry comes seconds or hours later
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,7 +292,7 @@ class Database(Protocol):
     async def update_token(self, name: str, priority: int | None, threshold: int | None,
                            max_in_flight: int | None = None) -> TokenRow: ...
     async def load_tokens(self, entries: Sequence[TokenEntry]) -> int: ...
-    async def add_usage(self, batch: dict[UsageKey, Totals]) -> None: ...
+    async def add_usage(self, batch_id: str, batch: dict[UsageKey, Totals]) -> bool: ...
     async def usage_rows(self, since: datetime, token: str | None = None) -> list[UsageRow]: ...
 
 
@@ -363,6 +364,15 @@ class PostgresDatabase:
             estimated_requests bigint NOT NULL DEFAULT 0,
             PRIMARY KEY (token_name, model, hour)
         )
+        """,
+        # The usage batches written in the last USAGE_BATCH_DAYS: a batch whose commit went unanswered is
+        # written again under its id, and added once.
+        """
+        CREATE TABLE IF NOT EXISTS usage_batches (
+            batch_id text PRIMARY KEY,
+            written_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX IF NOT EXISTS usage_batches_written_at ON usage_batches (written_at)
         """,
     )
     SCHEMA_VERSION = """
@@ -495,9 +505,14 @@ class PostgresDatabase:
                 created += inserted
         return created
 
-    async def add_usage(self, batch: dict[UsageKey, Totals]) -> None:
-        """Adds the batch to the totals, all or nothing."""
+    async def add_usage(self, batch_id: str, batch: dict[UsageKey, Totals]) -> bool:
+        """Adds the batch to the totals, all or nothing, once: False if `batch_id` was written before."""
         async with self._connection() as connection, connection.transaction():
+            if not await connection.fetchval("INSERT INTO usage_batches (batch_id) VALUES ($1) ON CONFLICT DO NOTHING "
+                                             "RETURNING true", batch_id):
+                return False
+            await connection.execute("DELETE FROM usage_batches WHERE written_at < now() - make_interval(days => $1)",
+                                     USAGE_BATCH_DAYS)
             await connection.executemany(
                 "INSERT INTO usage_totals (token_name, model, hour, requests, prompt_tokens, completion_tokens, "
                 "estimated_requests) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (token_name, model, hour) "
@@ -507,6 +522,7 @@ class PostgresDatabase:
                 "estimated_requests = usage_totals.estimated_requests + EXCLUDED.estimated_requests",
                 [(token, model, hour, t.requests, t.prompt_tokens, t.completion_tokens, t.estimated_requests)
                  for (token, model, hour), t in batch.items()])
+        return True
 
     async def usage_rows(self, since: datetime, token: str | None = None) -> list[UsageRow]:
         """Totals per token, model and UTC day from `since` on, of one token or all."""
@@ -560,6 +576,14 @@ class MySQLDatabase:
             estimated_requests BIGINT NOT NULL DEFAULT 0,
             PRIMARY KEY (token_name, model, hour)
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin
+        """,
+        # The usage batches written in the last USAGE_BATCH_DAYS (see PostgresDatabase).
+        """
+        CREATE TABLE IF NOT EXISTS usage_batches (
+            batch_id VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
+            written_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+            KEY usage_batches_written_at (written_at)
+        ) ENGINE=InnoDB
         """,
     )
     SCHEMA_VERSION = """
@@ -726,9 +750,14 @@ class MySQLDatabase:
                     created += 1
         return created
 
-    async def add_usage(self, batch: dict[UsageKey, Totals]) -> None:
-        """Adds the batch to the totals, all or nothing."""
+    async def add_usage(self, batch_id: str, batch: dict[UsageKey, Totals]) -> bool:
+        """Adds the batch to the totals, all or nothing, once: False if `batch_id` was written before."""
         async with self._transaction() as cursor:
+            await cursor.execute("INSERT IGNORE INTO usage_batches (batch_id) VALUES (%s)", (batch_id,))
+            if cursor.rowcount != 1:
+                return False
+            await cursor.execute("DELETE FROM usage_batches WHERE written_at < UTC_TIMESTAMP(6) - INTERVAL %s DAY",
+                                 (USAGE_BATCH_DAYS,))
             await cursor.executemany(
                 "INSERT INTO usage_totals (token_name, model, hour, requests, prompt_tokens, completion_tokens, "
                 "estimated_requests) VALUES (%s, %s, %s, %s, %s, %s, %s) ON DUPLICATE KEY UPDATE "
@@ -737,6 +766,7 @@ class MySQLDatabase:
                 "estimated_requests = estimated_requests + VALUES(estimated_requests)",
                 [(token, model, hour.replace(tzinfo=None), t.requests, t.prompt_tokens, t.completion_tokens,
                   t.estimated_requests) for (token, model, hour), t in batch.items()])
+        return True
 
     async def usage_rows(self, since: datetime, token: str | None = None) -> list[UsageRow]:
         """Totals per token, model and UTC day from `since` on, of one token or all."""

@@ -15,17 +15,20 @@ Counting (DESIGN.md, "Usage accounting"):
   estimate is a lower bound.
 - Anything else (e.g. `/tokenize`, an error): a request with 0 tokens.
 
-A database outage delays the writes: unwritten totals are kept, merged, up to
-`max_pending` (token, model, hour) entries; a request that would need a new entry beyond that is
-dropped, counted in `dispatcher_usage_dropped_total` and logged once per outage.
+A database outage delays the writes: the batch whose write failed is kept as it was (it is written
+again under its id, and the database adds each id once), and what came since is kept, merged, up
+to `max_pending` (token, model, hour) entries; a request that would need a new entry beyond that
+is dropped, counted in `dispatcher_usage_dropped_total` and logged once per outage.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
@@ -226,13 +229,9 @@ class UsageRecorder:
         self._merge({key: counts})
 
     def take(self) -> dict[UsageKey, Totals]:
-        """The totals not yet written; they are this caller's now (`restore` gives them back)."""
+        """The totals not yet written; they are this caller's now."""
         batch, self.pending = self.pending, {}
         return batch
-
-    def restore(self, batch: dict[UsageKey, Totals]) -> None:
-        """A batch that could not be written, merged back with what came since."""
-        self._merge(batch)
 
     def _merge(self, batch: dict[UsageKey, Totals]) -> None:
         dropped = 0
@@ -270,14 +269,17 @@ class UsageRecorder:
 # The writer: totals to the database, in batches
 
 class UsageDatabase(Protocol):
-    async def add_usage(self, batch: dict[UsageKey, Totals]) -> None: ...
+    async def add_usage(self, batch_id: str, batch: dict[UsageKey, Totals]) -> bool: ...
 
 
 class UsageWriter:
     """Flushes the recorder's totals every `interval_s`, and a last time at `close()`.
 
-    `database()` is the database now, or None while it is not connected yet. A failed write gives
-    the batch back to the recorder: it is retried with the next one.
+    `database()` is the database now, or None while it is not connected yet. Each batch has an id
+    of its own; the database adds a batch once, whatever number of times it is written. A batch
+    whose write failed is kept as it is and written again, under its id, before anything newer:
+    the failure may have come after the database committed it (the answer to the commit lost),
+    and then the retry must not add it a second time.
     """
 
     def __init__(self, recorder: UsageRecorder, database: Callable[[], UsageDatabase | None], interval_s: float,
@@ -288,6 +290,8 @@ class UsageWriter:
         self.is_failure = is_failure
         self._failing = False
         self._task: asyncio.Task[None] | None = None
+        self._batch_ids = (f"{uuid.uuid4().hex}-{number}" for number in itertools.count(1))
+        self._unanswered: tuple[str, dict[UsageKey, Totals]] | None = None  # a batch whose write failed
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -298,23 +302,32 @@ class UsageWriter:
             await self.flush()
 
     async def flush(self) -> bool:
-        """Writes what is pending; False when it is kept for later."""
+        """Writes the batch whose write failed, if any, then what is pending; False when a write failed
+        (what it held is kept for the next)."""
         database = self.database()
-        if not self.recorder.pending:
+        if self._unanswered is None and not self.recorder.pending:
             return True
         if database is None:
             self._report_failure("not connected")
             return False
-        batch = self.recorder.take()
-        try:
-            async with asyncio.timeout(WRITE_TIMEOUT_S):
-                await database.add_usage(batch)
-        except BaseException as exc:
-            self.recorder.restore(batch)
-            if isinstance(exc, asyncio.CancelledError) or not self.is_failure(exc):
-                raise
-            self._report_failure(str(exc) or type(exc).__name__)
-            return False
+        for _ in range(2):  # the batch written again, then the new one
+            if self._unanswered is None:
+                if not self.recorder.pending:
+                    break
+                self._unanswered = (next(self._batch_ids), self.recorder.take())
+            batch_id, batch = self._unanswered
+            try:
+                async with asyncio.timeout(WRITE_TIMEOUT_S):
+                    added = await database.add_usage(batch_id, batch)
+            except BaseException as exc:
+                if isinstance(exc, asyncio.CancelledError) or not self.is_failure(exc):
+                    raise
+                self._report_failure(str(exc) or type(exc).__name__)
+                return False
+            self._unanswered = None
+            if not added:
+                log.warning("usage batch %s had been written already (the answer to its commit was lost): "
+                            "not added again", batch_id)
         if self._failing:
             log.info("usage totals written again")
             self._failing = False
@@ -331,12 +344,15 @@ class UsageWriter:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        written = True
         try:
             async with asyncio.timeout(FINAL_FLUSH_TIMEOUT_S):
-                written = await self.flush()
+                while written and (self._unanswered or self.recorder.pending):
+                    written = await self.flush()
         except TimeoutError:
             written = False
-        if not written and self.recorder.pending:
-            lost = sum(totals.requests for totals in self.recorder.pending.values())
+        if not written and (self.recorder.pending or self._unanswered):
+            lost = sum(totals.requests for batch in (self.recorder.pending, (self._unanswered or ("", {}))[1])
+                       for totals in batch.values())
             log.error("usage of %d requests could not be written at shutdown and is lost", lost)
             self.recorder.count_dropped(lost)

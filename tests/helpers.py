@@ -65,6 +65,13 @@ class TcpRelay:
 
     async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         try:
+            await self._serve(client_reader, client_writer)
+        except asyncio.CancelledError:  # by close(): asyncio's server would log a cancelled callback as an error
+            client_writer.transport.abort()
+
+    async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        """One relayed connection, both ways."""
+        try:
             server_reader, server_writer = await asyncio.open_connection(*self.target)
         except OSError:
             client_writer.transport.abort()

@@ -31,10 +31,10 @@ PROMPT = [{"role": "user", "content": "hello"}]
 UNREACHABLE = "token database unreachable"
 
 
-def relayed(url: str, port: int) -> tuple[str, TcpRelay]:
-    """`url` through a relay on `port` (not opened yet), and the relay."""
+def relayed(url: str, port: int, kind: type[TcpRelay] = TcpRelay) -> tuple[str, TcpRelay]:
+    """`url` through a relay (a `kind`) on `port` (not opened yet), and the relay."""
     parts = urllib.parse.urlsplit(url)
-    relay = TcpRelay(parts.hostname or "127.0.0.1", parts.port or 5432, port)
+    relay = kind(parts.hostname or "127.0.0.1", parts.port or 5432, port)
     user = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
     return parts._replace(netloc=f"{user}127.0.0.1:{port}").geturl(), relay
 

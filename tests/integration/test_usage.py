@@ -9,15 +9,20 @@ deltas equals the true completion count.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
+from datetime import datetime, timezone
 from typing import Any
 
 import openai
 import pytest
 
-from tests.helpers import free_port, http, wait_until
+from tests.helpers import TcpRelay, free_port, http, wait_until
 from tests.integration.conftest import Database, Fake, Service, Stack, metric_value
 from tests.integration.test_token_store import relayed
+from tokenstore import open_database
+from usage import Totals
 
 pytestmark = pytest.mark.integration
 
@@ -207,3 +212,98 @@ def test_database_outage_delays_the_totals_and_loses_none(stack: Stack, db: Data
     assert sender.log().count("usage totals not written") == 1, sender.log()
     assert "usage totals written again" in sender.log()
     assert metric_value(sender, "dispatcher_usage_dropped_total") == 0
+
+
+class LostCommitAnswer(TcpRelay):
+    """A link to the database that, once armed, lets the next COMMIT through and cuts the connection
+    when the database answers it, before the answer reaches the sender: the batch is committed, and
+    the sender cannot know it."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.armed = threading.Event()
+        self.answer_lost = threading.Event()
+
+    async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        try:
+            server_reader, server_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            client_writer.transport.abort()
+            return
+        self.writers |= {client_writer, server_writer}
+        committing = asyncio.Event()
+
+        async def to_server() -> None:
+            try:
+                while data := await client_reader.read(65536):
+                    if self.armed.is_set() and b"COMMIT" in data:  # PostgreSQL and MySQL: a query "COMMIT"
+                        self.armed.clear()
+                        committing.set()
+                    server_writer.write(data)
+                    await server_writer.drain()
+            except ConnectionError:
+                pass
+
+        async def to_client() -> None:
+            try:
+                while data := await server_reader.read(65536):
+                    if committing.is_set():  # the answer to the COMMIT: the database has committed
+                        self.answer_lost.set()
+                        break
+                    client_writer.write(data)
+                    await client_writer.drain()
+            except ConnectionError:
+                pass
+            finally:
+                for writer in (client_writer, server_writer):
+                    self.writers.discard(writer)
+                    writer.transport.abort()
+
+        await asyncio.gather(to_server(), to_client())
+
+
+def test_a_batch_committed_without_an_answer_is_not_counted_twice(stack: Stack, db: Database, unique_model: str) -> None:
+    """The database commits a batch of totals and the link fails before the sender hears of it: the
+    sender must write it again (it cannot know), and the database must not add it twice."""
+    url, relay = relayed(db.url, free_port(), LostCommitAnswer)
+    assert isinstance(relay, LostCommitAnswer)
+    relay.open()
+    try:
+        _, sender, (token,) = usage_stack(stack, db, unique_model, DATABASE_URL=url, TOKEN_CACHE_SECONDS="600")
+        ask = client(sender, token).chat.completions.create
+        prompt = ask(model=unique_model, messages=PROMPT, max_tokens=2).usage.prompt_tokens
+        wait_until(lambda: [row["requests"] for row in admin_usage(db)] == [1], what="the first write")
+
+        relay.armed.set()
+        for _ in range(3):
+            ask(model=unique_model, messages=PROMPT, max_tokens=2)
+        wait_until(relay.answer_lost.is_set, what="a commit whose answer is lost")
+        wait_until(lambda: "usage totals written again" in sender.log(), timeout_s=20, what="the batch written again")
+        assert [(row["requests"], row["prompt_tokens"], row["completion_tokens"]) for row in admin_usage(db)] == [
+            (4, 4 * prompt, 8)]
+    finally:
+        relay.close()
+    assert "had been written already" in sender.log()
+    assert metric_value(sender, "dispatcher_usage_dropped_total") == 0
+
+
+AGE_BATCHES = {"postgresql": "UPDATE usage_batches SET written_at = now() - interval '8 days'",
+               "mariadb": "UPDATE usage_batches SET written_at = UTC_TIMESTAMP(6) - INTERVAL 8 DAY"}
+
+
+def test_the_database_adds_a_batch_once_and_forgets_its_id_after_a_week(db: Database) -> None:
+    hour = datetime(2026, 3, 1, 10, tzinfo=timezone.utc)
+    batch = {("alice", "m", hour): Totals(1, 2, 3, 0)}
+
+    async def write(*batch_ids: str) -> list[bool]:
+        database = await open_database(db.url, pool_size=1)
+        try:
+            return [await database.add_usage(batch_id, batch) for batch_id in batch_ids]
+        finally:
+            await database.close()
+
+    assert asyncio.run(write("sender-a-1", "sender-a-1", "sender-b-1")) == [True, False, True]
+    assert [(row["requests"], row["prompt_tokens"], row["completion_tokens"]) for row in admin_usage(db)] == [(2, 4, 6)]
+    db.fetch(AGE_BATCHES[db.kind])
+    assert asyncio.run(write("sender-c-1")) == [True]  # and the ids of a week ago are gone
+    assert [row["batch_id"] for row in db.fetch("SELECT batch_id FROM usage_batches")] == ["sender-c-1"]

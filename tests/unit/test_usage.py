@@ -137,18 +137,17 @@ def test_recorder_adds_per_token_model_and_hour() -> None:
     assert counted[0] == ("alice", "m", 5, 3)
 
 
-def test_recorder_keeps_a_failed_batch_and_drops_beyond_its_bound() -> None:
+def test_recorder_drops_beyond_its_bound_and_logs_once(caplog) -> None:
     dropped: list[int] = []
     recorder = UsageRecorder(keep_memory=False, max_pending=2, on_dropped=dropped.append)
     recorder.record("alice", "m", 1, 1, True, now=AT)
-    batch = recorder.take()
-    recorder.record("alice", "m", 1, 1, True, now=AT)        # merged with the batch given back
     recorder.record("bob", "m", 1, 1, True, now=AT)
-    recorder.restore(batch)
     recorder.record("carol", "m", 1, 1, True, now=AT)       # a third entry: no room
     recorder.record("carol", "m", 1, 1, True, now=AT)
+    recorder.record("alice", "m", 1, 1, True, now=AT)       # an entry that is there takes more
     assert sorted((key[0], totals.requests) for key, totals in recorder.pending.items()) == [("alice", 2), ("bob", 1)]
     assert dropped == [1, 1]
+    assert len([record for record in caplog.records if "usage buffer full" in record.getMessage()]) == 1
 
 
 def test_memory_rows_are_the_callers_per_day() -> None:
@@ -174,27 +173,55 @@ def test_daily_rows_order_by_day_token_model() -> None:
 
 
 class FlakyDatabase:
+    """Adds each batch id once, as the real ones do; `up`, and whether the answer to a commit is lost."""
+
     def __init__(self) -> None:
         self.up = False
-        self.written: list[dict] = []
+        self.answer_lost = False
+        self.written: dict[str, dict] = {}
 
-    async def add_usage(self, batch) -> None:
+    async def add_usage(self, batch_id, batch) -> bool:
         if not self.up:
             raise ConnectionError("down")
-        self.written.append(dict(batch))
+        added = batch_id not in self.written
+        self.written.setdefault(batch_id, dict(batch))
+        if self.answer_lost:
+            self.answer_lost = False
+            raise ConnectionError("connection lost during COMMIT")
+        return added
+
+    def requests(self) -> list[int]:
+        return [totals.requests for batch in self.written.values() for totals in batch.values()]
+
+
+def writer_of(database: FlakyDatabase) -> tuple[UsageRecorder, UsageWriter]:
+    recorder = UsageRecorder(keep_memory=False)
+    return recorder, UsageWriter(recorder, lambda: database, 10, is_failure=lambda exc: isinstance(exc, ConnectionError))
 
 
 async def test_writer_retries_until_the_database_takes_the_batch() -> None:
-    recorder = UsageRecorder(keep_memory=False)
     database = FlakyDatabase()
-    writer = UsageWriter(recorder, lambda: database, 10, is_failure=lambda exc: isinstance(exc, ConnectionError))
+    recorder, writer = writer_of(database)
+    recorder.record("alice", "m", 1, 1, True, now=AT)
+    assert await writer.flush() is False
+    recorder.record("alice", "m", 1, 1, True, now=AT)      # a batch of its own: the failed one is kept as it was
+    database.up = True
+    await writer.close()
+    assert database.requests() == [1, 1]
+    assert recorder.pending == {}
+
+
+async def test_writer_writes_a_batch_again_under_its_id(caplog) -> None:
+    """The commit went through but its answer was lost: the same batch, the same id, added once."""
+    database = FlakyDatabase()
+    database.up = database.answer_lost = True
+    recorder, writer = writer_of(database)
     recorder.record("alice", "m", 1, 1, True, now=AT)
     assert await writer.flush() is False
     recorder.record("alice", "m", 1, 1, True, now=AT)
-    database.up = True
-    await writer.close()
-    assert [totals.requests for batch in database.written for totals in batch.values()] == [2]
-    assert recorder.pending == {}
+    assert await writer.flush() is True
+    assert database.requests() == [1, 1] and len(database.written) == 2
+    assert "had been written already" in caplog.text
 
 
 async def test_writer_waits_for_a_first_connection() -> None:
