@@ -77,11 +77,22 @@ class TcpRelay:
             client_writer.transport.abort()
             return
         self.writers |= {client_writer, server_writer}
-        await asyncio.gather(self._pump(client_reader, server_writer), self._pump(server_reader, client_writer))
+        link: dict[str, Any] = {}  # this connection's state, for the filters of a subclass
+        await asyncio.gather(self._pump(client_reader, server_writer, lambda data: self.to_server(link, data)),
+                             self._pump(server_reader, client_writer, lambda data: self.to_client(link, data)))
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def to_server(self, link: dict[str, Any], data: bytes) -> bool:
+        """Whether `data` goes on to the server; False cuts the connection instead."""
+        return True
+
+    def to_client(self, link: dict[str, Any], data: bytes) -> bool:
+        """Whether `data` goes on to the client; False cuts the connection instead."""
+        return True
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    passes: Callable[[bytes], bool]) -> None:
         try:
-            while data := await reader.read(65536):
+            while (data := await reader.read(65536)) and passes(data):
                 writer.write(data)
                 await writer.drain()
         except ConnectionError:

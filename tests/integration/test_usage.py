@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
 
@@ -190,14 +192,7 @@ def test_sender_restart_keeps_its_totals(stack: Stack, db: Database, unique_mode
 
 
 def test_database_outage_delays_the_totals_and_loses_none(stack: Stack, db: Database, unique_model: str) -> None:
-    url, relay = relayed(db.url, free_port())
-    relay.open()
-    try:
-        _, sender, (token,) = usage_stack(stack, db, unique_model, DATABASE_URL=url, TOKEN_CACHE_SECONDS="600")
-        ask = client(sender, token).chat.completions.create
-        prompt = ask(model=unique_model, messages=PROMPT, max_tokens=2).usage.prompt_tokens
-        wait_until(lambda: [row["requests"] for row in admin_usage(db)] == [1], what="the first write")
-
+    with relayed_usage_stack(stack, db, unique_model) as (relay, sender, ask, prompt):
         relay.cut()
         for _ in range(3):
             ask(model=unique_model, messages=PROMPT, max_tokens=2)
@@ -207,8 +202,6 @@ def test_database_outage_delays_the_totals_and_loses_none(stack: Stack, db: Data
         relay.open()
         wait_until(lambda: [(row["requests"], row["prompt_tokens"], row["completion_tokens"])
                             for row in admin_usage(db)] == [(4, 4 * prompt, 8)], timeout_s=20, what="all four totals")
-    finally:
-        relay.close()
     assert sender.log().count("usage totals not written") == 1, sender.log()
     assert "usage totals written again" in sender.log()
     assert metric_value(sender, "dispatcher_usage_dropped_total") == 0
@@ -224,56 +217,40 @@ class LostCommitAnswer(TcpRelay):
         self.armed = threading.Event()
         self.answer_lost = threading.Event()
 
-    async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        try:
-            server_reader, server_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            client_writer.transport.abort()
-            return
-        self.writers |= {client_writer, server_writer}
-        committing = asyncio.Event()
+    def to_server(self, link: dict[str, Any], data: bytes) -> bool:
+        if self.armed.is_set() and b"COMMIT" in data:  # PostgreSQL and MySQL: the query "COMMIT"
+            self.armed.clear()
+            link["committing"] = True
+        return True
 
-        async def to_server() -> None:
-            try:
-                while data := await client_reader.read(65536):
-                    if self.armed.is_set() and b"COMMIT" in data:  # PostgreSQL and MySQL: a query "COMMIT"
-                        self.armed.clear()
-                        committing.set()
-                    server_writer.write(data)
-                    await server_writer.drain()
-            except ConnectionError:
-                pass
+    def to_client(self, link: dict[str, Any], data: bytes) -> bool:
+        if link.get("committing"):  # the answer to the COMMIT: the database has committed
+            self.answer_lost.set()
+            return False
+        return True
 
-        async def to_client() -> None:
-            try:
-                while data := await server_reader.read(65536):
-                    if committing.is_set():  # the answer to the COMMIT: the database has committed
-                        self.answer_lost.set()
-                        break
-                    client_writer.write(data)
-                    await client_writer.drain()
-            except ConnectionError:
-                pass
-            finally:
-                for writer in (client_writer, server_writer):
-                    self.writers.discard(writer)
-                    writer.transport.abort()
 
-        await asyncio.gather(to_server(), to_client())
+@contextmanager
+def relayed_usage_stack(stack: Stack, db: Database, model: str, kind: type[TcpRelay] = TcpRelay
+                        ) -> Iterator[tuple[Any, Service, Callable[..., Any], int]]:
+    """A usage stack whose sender reaches the database through a relay (a `kind`), once its first
+    request's totals are written: (the relay, the sender, `create` of its client, the prompt's tokens)."""
+    url, relay = relayed(db.url, free_port(), kind)
+    relay.open()
+    try:
+        _, sender, (token,) = usage_stack(stack, db, model, DATABASE_URL=url, TOKEN_CACHE_SECONDS="600")
+        ask = client(sender, token).chat.completions.create
+        prompt = ask(model=model, messages=PROMPT, max_tokens=2).usage.prompt_tokens
+        wait_until(lambda: [row["requests"] for row in admin_usage(db)] == [1], what="the first write")
+        yield relay, sender, ask, prompt
+    finally:
+        relay.close()
 
 
 def test_a_batch_committed_without_an_answer_is_not_counted_twice(stack: Stack, db: Database, unique_model: str) -> None:
     """The database commits a batch of totals and the link fails before the sender hears of it: the
     sender must write it again (it cannot know), and the database must not add it twice."""
-    url, relay = relayed(db.url, free_port(), LostCommitAnswer)
-    assert isinstance(relay, LostCommitAnswer)
-    relay.open()
-    try:
-        _, sender, (token,) = usage_stack(stack, db, unique_model, DATABASE_URL=url, TOKEN_CACHE_SECONDS="600")
-        ask = client(sender, token).chat.completions.create
-        prompt = ask(model=unique_model, messages=PROMPT, max_tokens=2).usage.prompt_tokens
-        wait_until(lambda: [row["requests"] for row in admin_usage(db)] == [1], what="the first write")
-
+    with relayed_usage_stack(stack, db, unique_model, LostCommitAnswer) as (relay, sender, ask, prompt):
         relay.armed.set()
         for _ in range(3):
             ask(model=unique_model, messages=PROMPT, max_tokens=2)
@@ -281,8 +258,6 @@ def test_a_batch_committed_without_an_answer_is_not_counted_twice(stack: Stack, 
         wait_until(lambda: "usage totals written again" in sender.log(), timeout_s=20, what="the batch written again")
         assert [(row["requests"], row["prompt_tokens"], row["completion_tokens"]) for row in admin_usage(db)] == [
             (4, 4 * prompt, 8)]
-    finally:
-        relay.close()
     assert "had been written already" in sender.log()
     assert metric_value(sender, "dispatcher_usage_dropped_total") == 0
 
