@@ -1659,11 +1659,15 @@ async def serve_connection(service: Service, client: ClientConnection) -> None:
             if hangup.hung_up and this_task.uncancel() == 0:
                 mark_client_gone(outcome)
                 return
+            if service.shutting_down and not outcome.get("delivered"):  # cut at the end of the shutdown grace
+                outcome["status"], outcome["ended"] = 503, "shutdown"
             raise
         finally:
-            await hangup.stop()
-            outcome["status"] = outcome["status"] or client.status
-            log_outcome(service, request, outcome, started)
+            try:
+                await hangup.stop()  # re-raises a cancellation of this task (the shutdown's)
+            finally:
+                outcome["status"] = outcome["status"] or client.status
+                log_outcome(service, request, outcome, started)
         if hangup.hung_up:
             return  # the hang-up came after the last await: its cancel is still pending
         if hangup.overflowed or client.h11.our_state is h11.MUST_CLOSE:

@@ -428,6 +428,30 @@ async def test_shutdown_closes_idle_connections_and_lets_streams_finish(start_pr
     await asyncio.wait_for(shutdown, 5)
 
 
+async def test_stream_cut_at_the_end_of_the_shutdown_grace_is_logged_as_cut(start_proxy, upstream, monkeypatch,
+                                                                              caplog) -> None:
+    """A stream still running when the grace period ends is cut: the client sees no final chunk, and
+    the access log and the metrics say 503 and `ended=shutdown`, not a complete 200."""
+    monkeypatch.setattr(sender, "SHUTDOWN_GRACE_S", 0.2)
+    caplog.set_level(logging.INFO, logger="sender")
+    release = asyncio.Event()
+    scripted, url = await held_stream_upstream(upstream, release)  # released only after the shutdown
+    proxy = await start_proxy(url)
+    client = await RawClient.connect(proxy.port)
+    shutdown = None
+    with pytest.raises(h11.RemoteProtocolError, match="incomplete chunked read"):
+        async def shut_down_once_streaming() -> None:
+            await async_wait_until(lambda: len(scripted.requests) == 1, what="the request upstream")
+            await proxy.server.shut_down()
+        shutdown = asyncio.create_task(shut_down_once_streaming())
+        await client.request("POST", "/v1/chat/completions", [AUTH, JSON], CHAT)
+    await asyncio.wait_for(shutdown, 5)
+    release.set()
+    lines = [record.getMessage() for record in caplog.records if "POST /v1/chat/completions" in record.getMessage()]
+    assert len(lines) == 1 and " status=503 " in lines[0] and lines[0].endswith(" ended=shutdown"), lines
+    assert requests_counted(proxy) == {"503": 1}
+
+
 async def test_slow_body_gets_408_then_close(start_proxy, monkeypatch) -> None:
     monkeypatch.setattr(sender, "BODY_IDLE_TIMEOUT_S", 0.05)
     proxy = await start_proxy("http://127.0.0.1:9")
