@@ -16,17 +16,15 @@ import signal
 import sys
 from pathlib import Path
 
-import prometheus_client as prom
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sender  # noqa: E402
-from tests.proxy.conftest import GrantAtOnce, make_config, make_tokens  # noqa: E402
+from tests.proxy.conftest import make_service  # noqa: E402
 
 
 async def serve(port: int, upstream: str) -> None:
-    service = sender.Service(make_config(), make_tokens(), GrantAtOnce(upstream),  # type: ignore[arg-type]
-                             sender.UpstreamPool(), sender.Metrics.create(prom.CollectorRegistry()))
+    service, _ = make_service(upstream)
     server = await sender.start_server(service, "127.0.0.1", port)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

@@ -79,13 +79,19 @@ class Proxy:
         return f"http://127.0.0.1:{self.port}"
 
 
-async def start_sender(upstream_url: str, *, api_key: str | None = None, vllm_priority: int | None = None,
-                       **overrides: Any) -> Proxy:
-    """The sender on port 0, granting every request at once to `upstream_url`; stop it with `stop_sender`."""
+def make_service(upstream_url: str, *, api_key: str | None = None, vllm_priority: int | None = None,
+                 **overrides: Any) -> tuple[sender.Service, GrantAtOnce]:
+    """The sender's request path, granting every request at once to `upstream_url` (also bench/http_only.py's)."""
     capacity = GrantAtOnce(upstream_url, api_key=api_key, vllm_priority=vllm_priority)
     service = sender.Service(make_config(**overrides), make_tokens(), capacity,  # type: ignore[arg-type]
                              sender.UpstreamPool(), sender.Metrics.create(prom.CollectorRegistry()),
                              sender.QueueState("proxy-test"), sender.UsageRecorder(keep_memory=True))
+    return service, capacity
+
+
+async def start_sender(upstream_url: str, **options: Any) -> Proxy:
+    """The sender on port 0 (`make_service`); stop it with `stop_sender`."""
+    service, capacity = make_service(upstream_url, **options)
     server = await sender.start_server(service, "127.0.0.1", 0)
     return Proxy(server.port, capacity, server)
 
