@@ -63,7 +63,7 @@ class Spec:
 
 SPECS = {
     "sender": Spec("Dockerfile.sender", frozenset({"sender.py", "queue_state.py", "admin.py", "tokenstore.py", "usage.py",
-                                                   "common"}),
+                                                   "upstream.py", "common"}),
                    frozenset({8080, 9090}), ("python", "sender.py")),
     "consumer": Spec("Dockerfile.consumer", frozenset({"consumer.py", "common"}),
                      frozenset({8081}), ("python", "consumer.py")),
@@ -163,7 +163,7 @@ def test_dockerignore_keeps_the_context_small() -> None:
                  "tokens.example.yaml", ".pytest_cache/v/cache", "compose.yml"):
         assert ignore.excluded(path), path
     for path in ("requirements.txt", "sender.py", "consumer.py", "admin.py", "tokenstore.py", "usage.py",
-                 "common/config.py",
+                 "upstream.py", "common/config.py",
                  "common/messages.py", "common/__init__.py"):
         assert not ignore.excluded(path), path
 

@@ -11,6 +11,7 @@ import h11
 import pytest
 
 import sender
+import upstream as upstream_module  # the fixture `upstream` has the name
 from tests.helpers import RawClient, async_wait_until, header
 from tests.proxy.conftest import MODEL
 
@@ -672,7 +673,7 @@ async def test_pooled_connection_closed_by_vllm_while_idle_is_closed_here_too(st
                                                                              monkeypatch) -> None:
     """vLLM closes a keep-alive connection after a while idle; the sender must close its side
     (not leave it in CLOSE-WAIT until the next request), and the next request still works."""
-    monkeypatch.setattr(sender, "UPSTREAM_SWEEP_S", 0.05)
+    monkeypatch.setattr(upstream_module, "UPSTREAM_SWEEP_S", 0.05)
     closed_here = asyncio.Event()
 
     async def handler(reader, writer):

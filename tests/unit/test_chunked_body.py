@@ -1,4 +1,4 @@
-"""The sender's relay of a chunked body as it came (`ChunkedBody`): what goes to the client, and
+"""The relay of a chunked body as it came (`upstream.ChunkedBody`): what goes to the client, and
 where the body ends, whatever the chunks and wherever vLLM's reads cut them."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import hypothesis
 import pytest
 from hypothesis import strategies as st
 
-from sender import ChunkedBody
+from upstream import ChunkedBody
 
 
 def frame(payloads: list[bytes], extension: bytes = b"", trailers: bytes = b"") -> tuple[bytes, bytes]:
