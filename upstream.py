@@ -29,7 +29,8 @@ UPSTREAM_SWEEP_S = 1.0              # idle pooled connections are checked this o
 UPSTREAM_FINISH_TIMEOUT_S = 1.0     # for vLLM's chunked terminator after `data: [DONE]`, once the client left
 READ_CHUNK_BYTES = 64 * 1024
 MAX_CHUNK_LINE_BYTES = 16 * 1024            # a chunk's size line (extensions included) or a trailer line
-CHUNK_HEAD = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n")  # a chunk's size line (RFC 9112 §7.1)
+# A chunk's size line (RFC 9112 §7.1), its extensions bounded like any line
+CHUNK_HEAD = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]{0,%d})?\r\n" % (MAX_CHUNK_LINE_BYTES - 32))
 
 
 
@@ -229,8 +230,8 @@ class ChunkedBody:
     `feed` returns the part of each read to relay as it came, framing and all: every chunk before
     the last (zero-size) one. A size line cut by a read is held back until it is known not to be
     the last chunk's. The last chunk, its trailers and anything after them are not relayed (the
-    client's side writes its own last chunk). Per chunk: a `find`, a slice and an `int`; the data
-    is never copied. A malformed body is a ValueError.
+    client's side writes its own last chunk). Per whole chunk: a regex match, an `int` and a
+    compare; the data is never copied. A malformed body is a ValueError.
     """
 
     __slots__ = ("state", "left", "line", "ended", "extra")
