@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import socket
 import threading
@@ -13,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import h11
+import openai
 
 
 class TcpRelay:
@@ -100,6 +102,68 @@ class TcpRelay:
         finally:
             self.writers.discard(writer)
             writer.transport.abort()
+
+
+class ClosedLoop:
+    """`count` threads that each keep one request outstanding (the openai SDK, no retries) until
+    stopped: what each request ended with ("200", another status, "timeout", "connection error"),
+    how long the answered ones took, and when the last was answered. A client backs off 50 ms
+    after an error, as SDKs do."""
+
+    def __init__(self, base_url: str, token: str, model: str, count: int, *, max_tokens: int,
+                 headers: dict[str, str] | None = None, timeout_s: float = 30) -> None:
+        self.statuses: collections.Counter[str] = collections.Counter()
+        self.latencies: list[float] = []
+        self.last_ok = 0.0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._client = openai.OpenAI(base_url=base_url, api_key=token, max_retries=0, timeout=timeout_s,
+                                     default_headers=headers)
+        self._model = model
+        self._max_tokens = max_tokens
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(count)]
+
+    def start(self) -> ClosedLoop:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+        assert not any(thread.is_alive() for thread in self._threads), "a client hung"
+
+    def __enter__(self) -> ClosedLoop:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def answered_since(self, moment: float) -> bool:
+        return self.last_ok > moment
+
+    def _run(self) -> None:
+        prompt = [{"role": "user", "content": "hello"}]
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self._client.chat.completions.create(model=self._model, messages=prompt, max_tokens=self._max_tokens)
+                outcome = "200"
+            except openai.APIStatusError as error:
+                outcome = str(error.status_code)
+            except openai.APITimeoutError:
+                outcome = "timeout"
+            except openai.APIConnectionError:
+                outcome = "connection error"
+            finished = time.monotonic()
+            with self._lock:
+                self.statuses[outcome] += 1
+                if outcome == "200":
+                    self.latencies.append(finished - started)
+                    self.last_ok = finished
+            if outcome != "200":
+                self._stop.wait(0.05)
 
 
 class FakeClock:

@@ -22,7 +22,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.helpers import free_port, http, wait_until
+from tests.helpers import ClosedLoop, free_port, http, wait_until
 from tests.integration.brokers import PrivateBroker
 from tests.integration.conftest import Service, Stack, Tokens, http_get, metric_value, queue_ready_count
 
@@ -50,55 +50,6 @@ def broker_up(broker: PrivateBroker) -> PrivateBroker:
     except subprocess.CalledProcessError:  # stopped: start it
         broker.start_app()
     return broker
-
-
-class Load:
-    """Clients that keep sending short requests until stopped, and count what they got back."""
-
-    def __init__(self, sender: Service, model: str, token: str, clients: int) -> None:
-        self.statuses: collections.Counter[str] = collections.Counter()
-        self.last_ok = 0.0
-        self.longest_s = 0.0
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._client = openai.OpenAI(base_url=sender.url + "/v1", api_key=token, max_retries=0, timeout=30)
-        self._model = model
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(40)
-        assert not any(thread.is_alive() for thread in self._threads), "a client hung"
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                self._client.chat.completions.create(model=self._model, messages=PROMPT, max_tokens=5)
-                outcome = "200"
-            except openai.APIStatusError as error:
-                outcome = str(error.status_code)
-            except openai.APITimeoutError:
-                outcome = "timeout"
-            except openai.APIConnectionError:
-                outcome = "connection error"
-            finished = time.monotonic()
-            with self._lock:
-                self.statuses[outcome] += 1
-                self.longest_s = max(self.longest_s, finished - started)
-                if outcome == "200":
-                    self.last_ok = finished
-            if outcome != "200":
-                self._stop.wait(0.05)  # a client backs off a little after an error, as SDKs do
-
-    def answered_since(self, moment: float) -> bool:
-        return self.last_ok > moment
 
 
 def tokens_file(tmp_path: Path) -> str:
@@ -131,7 +82,7 @@ def test_broker_restarts_under_load_recover_every_time(stack: Stack, broker_up: 
     green again; no client hangs."""
     _, sender = private_stack(stack, broker_up, unique_model, tmp_path, slots="4", fake_args=("--tpot-ms", "5"))
     recoveries = []
-    with Load(sender, unique_model, "sk-fault-high", clients=6) as load:
+    with ClosedLoop(sender.url + "/v1", "sk-fault-high", unique_model, 6, max_tokens=5) as load:
         wait_until(lambda: load.answered_since(0), what="the first answer under load")
         for restart in range(RESTARTS):
             broker_up.stop_app()

@@ -11,14 +11,13 @@ import concurrent.futures
 import json
 import math
 import statistics
-import threading
 import time
 import uuid
 
 import openai
 import pytest
 
-from tests.helpers import http, wait_until
+from tests.helpers import ClosedLoop, http, wait_until
 from tests.integration.conftest import Service, Stack, Tokens, metric_value
 
 PROMPT = [{"role": "user", "content": "hello"}]
@@ -37,38 +36,10 @@ def queue_of(sender: Service, token: str, model: str) -> dict:
     return next(entry for entry in json.loads(body)["data"] if entry["model"] == model)
 
 
-class Clients:
-    """`count` threads that each keep one request outstanding until stopped, and time them."""
-
-    def __init__(self, sender: Service, token: str, model: str, count: int, **headers: str) -> None:
-        self.latencies: list[float] = []
-        self.statuses: list[int] = []
-        self._stop = threading.Event()
-        self._client = client(sender, token, default_headers=headers or None)
-        self._model = model
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(count)]
-
-    def start(self) -> Clients:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(60)
-        assert not any(thread.is_alive() for thread in self._threads), "a client hung"
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                self._client.chat.completions.create(model=self._model, messages=PROMPT, max_tokens=SERVICE_TOKENS)
-                self.statuses.append(200)
-            except openai.APIStatusError as error:
-                self.statuses.append(error.status_code)
-                continue
-            self.latencies.append(time.monotonic() - started)
+def clients(sender: Service, token: str, model: str, count: int, **headers: str) -> ClosedLoop:
+    """`count` requests of `token` kept outstanding (ClosedLoop), started."""
+    return ClosedLoop(sender.url + "/v1", token, model, count, max_tokens=SERVICE_TOKENS, headers=headers or None,
+                      timeout_s=60).start()
 
 
 def p90(values: list[float]) -> float:
@@ -84,9 +55,9 @@ def test_fair_share_puts_a_light_token_before_a_heavy_one_of_the_same_priority(
     heavy_token = tokens.create(f"heavy-{suffix}", 5, 1000)
     light_token = tokens.create(f"light-{suffix}", 5, 1000)
     _, _, sender = stack.served_model(unique_model, heavy_token, STEADY, {"MAX_PARALLEL_REQUESTS": "2"})
-    heavy = Clients(sender, heavy_token, unique_model, 12).start()
+    heavy = clients(sender, heavy_token, unique_model, 12)
     wait_until(lambda: queue_of(sender, heavy_token, unique_model)["waiting"] >= 8, what="the heavy backlog")
-    light = Clients(sender, light_token, unique_model, 2).start()
+    light = clients(sender, light_token, unique_model, 2)
     wait_until(lambda: len(light.latencies) >= 20, timeout_s=60, interval_s=0.2, what="20 light requests")
     light.stop()
     heavy.stop()
@@ -94,7 +65,7 @@ def test_fair_share_puts_a_light_token_before_a_heavy_one_of_the_same_priority(
           f"{statistics.median(heavy.latencies):.2f}s ({len(heavy.latencies)} done)")
     assert p90(light.latencies) < statistics.median(heavy.latencies)
     assert len(heavy.latencies) >= 10  # not starved: it gets the slots the light token leaves
-    assert set(light.statuses) == set(heavy.statuses) == {200}
+    assert set(light.statuses) == set(heavy.statuses) == {"200"}
 
 
 def test_counts_are_shared_between_senders_and_a_stopped_sender_leaves_none(
@@ -128,7 +99,7 @@ def test_retry_after_follows_the_measured_wait(stack: Stack, tokens: Tokens, uni
     that long) is within a factor of 2 of the wait the same request then really has."""
     _, _, sender = stack.served_model(unique_model, tokens.low, STEADY,
                                       {"MAX_PARALLEL_REQUESTS": "2", "FAIR_SHARE_LEVELS": "1"})
-    backlog = Clients(sender, tokens.low, unique_model, 10).start()
+    backlog = clients(sender, tokens.low, unique_model, 10)
     try:
         wait_until(lambda: queue_of(sender, tokens.low, unique_model)["waiting"] >= 7 and len(backlog.latencies) >= 20,
                    timeout_s=30, what="a steady backlog and a measured rate")
@@ -208,7 +179,7 @@ def test_aging_bounds_the_wait_of_a_low_priority_under_endless_high_priority_loa
                                      {"PRIORITY_AGING_SECONDS": "0.3", "GRANT_TIMEOUT": "30"})
     strict = stack.sender(GRANT_TIMEOUT="3")
     stack.served(strict, unique_model, tokens.high)
-    high = Clients(aging, tokens.high, unique_model, 4).start()
+    high = clients(aging, tokens.high, unique_model, 4)
     try:
         wait_until(lambda: queue_of(aging, tokens.high, unique_model)["waiting"] >= 2, what="a high-priority backlog")
         with pytest.raises(openai.InternalServerError) as caught:
@@ -218,7 +189,7 @@ def test_aging_bounds_the_wait_of_a_low_priority_under_endless_high_priority_loa
         assert answer.choices
     finally:
         high.stop()
-    assert set(high.statuses) == {200}
+    assert set(high.statuses) == {"200"}
 
 
 def test_per_token_cap_holds_over_two_senders(stack: Stack, tokens: Tokens, unique_model: str) -> None:
