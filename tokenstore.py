@@ -753,7 +753,9 @@ class MySQLDatabase:
     async def add_usage(self, batch_id: str, batch: dict[UsageKey, Totals]) -> bool:
         """Adds the batch to the totals, all or nothing, once: False if `batch_id` was written before."""
         async with self._transaction() as cursor:
-            await cursor.execute("INSERT IGNORE INTO usage_batches (batch_id) VALUES (%s)", (batch_id,))
+            # Affected rows: 1 for a new id, 0 for one already there (INSERT IGNORE would log a warning).
+            await cursor.execute("INSERT INTO usage_batches (batch_id) VALUES (%s) "
+                                 "ON DUPLICATE KEY UPDATE batch_id = batch_id", (batch_id,))
             if cursor.rowcount != 1:
                 return False
             await cursor.execute("DELETE FROM usage_batches WHERE written_at < UTC_TIMESTAMP(6) - INTERVAL %s DAY",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -266,7 +267,7 @@ AGE_BATCHES = {"postgresql": "UPDATE usage_batches SET written_at = now() - inte
                "mariadb": "UPDATE usage_batches SET written_at = UTC_TIMESTAMP(6) - INTERVAL 8 DAY"}
 
 
-def test_the_database_adds_a_batch_once_and_forgets_its_id_after_a_week(db: Database) -> None:
+def test_the_database_adds_a_batch_once_and_forgets_its_id_after_a_week(db: Database, caplog) -> None:
     hour = datetime(2026, 3, 1, 10, tzinfo=timezone.utc)
     batch = {("alice", "m", hour): Totals(1, 2, 3, 0)}
 
@@ -278,6 +279,7 @@ def test_the_database_adds_a_batch_once_and_forgets_its_id_after_a_week(db: Data
             await database.close()
 
     assert asyncio.run(write("sender-a-1", "sender-a-1", "sender-b-1")) == [True, False, True]
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]  # a repeat is no warning
     assert [(row["requests"], row["prompt_tokens"], row["completion_tokens"]) for row in admin_usage(db)] == [(2, 4, 6)]
     db.fetch(AGE_BATCHES[db.kind])
     assert asyncio.run(write("sender-c-1")) == [True]  # and the ids of a week ago are gone
