@@ -6,6 +6,7 @@ import asyncio
 import collections
 import json
 import socket
+import subprocess
 import threading
 import time
 import urllib.error
@@ -174,6 +175,17 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def stop_process(process: subprocess.Popen[Any], timeout_s: float = 10) -> None:
+    """SIGTERM, `timeout_s` to exit, then SIGKILL; always reaped."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def free_port() -> int:

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import free_port, http, wait_until
+from tests.helpers import free_port, http, stop_process, wait_until
 from tests.images.dockerfile import (
     DockerIgnore,
     Image,
@@ -273,13 +273,7 @@ class Process:
                              f"\n--- {self.name} log ---\n{self.log()}")
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+        stop_process(self.popen)
 
 
 def start_service(built: Built, workspace: Path, extra_env: dict[str, str]) -> Process:

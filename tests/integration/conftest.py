@@ -29,7 +29,7 @@ import asyncmy.cursors
 import asyncpg
 import pytest
 
-from tests.helpers import free_port, http, wait_until
+from tests.helpers import free_port, http, stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -58,13 +58,7 @@ class Service:
         return self.log_path.read_text(errors="replace")[-20000:]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
     def kill(self) -> None:
         self.process.kill()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import openai
 
-from tests.helpers import free_port, http, wait_until
+from tests.helpers import free_port, http, stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 INSTALL_TIMEOUT_S = 1800     # the first install: about 150 s on an idle machine, 6 min on a busy one
@@ -91,13 +91,7 @@ class VLLMServer:
         self.ready_after_s = time.monotonic() - self.started_at
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 30)
 
 
 def install_vllm() -> tuple[str, str]:

@@ -23,7 +23,7 @@ from typing import Any
 import h11
 import pytest
 
-from tests.helpers import free_port, http, wait_until
+from tests.helpers import free_port, http, stop_process, wait_until
 from tests.integration.conftest import ROOT
 from tests.vllm.conftest import sse_events
 from tests.vllm.server import MAX_MODEL_LEN, VLLMServer, metric_sum
@@ -72,8 +72,7 @@ def fakes(vllm_server: VLLMServer, vllm_featured: VLLMServer, tmp_path_factory: 
                "forced": Target("fake", forced_url, vllm_featured.names)}
     finally:
         for process in (plain, forced):
-            process.terminate()
-            process.wait(10)
+            stop_process(process)
 
 
 @pytest.fixture(params=["fake", "vllm"])
