@@ -977,30 +977,31 @@ def queue_timeout(headers: list[tuple[bytes, bytes]]) -> float | None:
     return value
 
 
-def check_admission(state: QueueState, model: str, token: TokenInfo, priority: int, timeout_s: float | None) -> None:
+def check_admission(state: QueueState, model: str, token: TokenInfo, priority: int, timeout_s: float | None) -> int:
     """The three reasons to refuse a request at once (429), from the counts all senders share:
     the queue is longer than the token's threshold, the token has `max_in_flight` requests out for
-    this model, or the client will not wait as long as the wait is estimated to last."""
+    this model, or the client will not wait as long as the wait is estimated to last. Returns the
+    token's outstanding requests for the model (its fair-share level comes from them)."""
     waiting = state.waiting(model)
     if waiting > token.threshold:
         raise ApiError(429, f"{waiting} requests are waiting for model `{model}`, more than this token "
                        f"accepts ({token.threshold}); try again later.", type="rate_limit_error", code="queue_full",
                        retry_after_s=retry_after_s(state.estimated_wait_s(model, waiting - token.threshold),
                                                    RETRY_AFTER_QUEUE_FULL_S))
-    if token.max_in_flight is not None:
-        outstanding = state.outstanding(model, token.name)
-        if outstanding >= token.max_in_flight:
-            raise ApiError(429, f"This token already has {outstanding} requests for model `{model}` waiting or "
-                           f"running, its limit; try again when one has finished.", type="rate_limit_error",
-                           code="token_limit", retry_after_s=retry_after_s(
-                               state.estimated_wait_s(model, outstanding - token.max_in_flight + 1),
-                               RETRY_AFTER_QUEUE_FULL_S))
+    outstanding = state.outstanding(model, token.name)
+    if token.max_in_flight is not None and outstanding >= token.max_in_flight:
+        raise ApiError(429, f"This token already has {outstanding} requests for model `{model}` waiting or "
+                       f"running, its limit; try again when one has finished.", type="rate_limit_error",
+                       code="token_limit", retry_after_s=retry_after_s(
+                           state.estimated_wait_s(model, outstanding - token.max_in_flight + 1),
+                           RETRY_AFTER_QUEUE_FULL_S))
     if timeout_s is not None:
         estimate = state.estimated_wait_s(model, state.waiting(model, at_least=priority) + 1)
         if estimate is not None and estimate > timeout_s:
             raise ApiError(429, f"The wait for model `{model}` is estimated at {estimate:.0f} s, longer than the "
                            f"{timeout_s:g} s of X-Queue-Timeout.", type="rate_limit_error", code="queue_timeout",
                            retry_after_s=retry_after_s(estimate, RETRY_AFTER_QUEUE_FULL_S))
+    return outstanding
 
 
 def listed_in_connection(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
@@ -1173,14 +1174,14 @@ async def proxy(service: Service, client: ClientConnection, request: Request, to
     # 3. check threshold, cap and deadline
     state = service.queue
     try:
-        check_admission(state, model, token, priority, timeout_s)
+        outstanding = check_admission(state, model, token, priority, timeout_s)
     except ApiError as error:
         service.metrics.shed.labels(model, error.code or "").inc()
         raise
     # 4. acquire grant
     queued_at = time.monotonic()
     wait_s = config.grant_timeout_s if timeout_s is None else min(timeout_s, config.grant_timeout_s)
-    bucket = share_bucket(state.outstanding(model, token.name) + 1)  # fair share: fewer outstanding, sooner
+    bucket = share_bucket(outstanding + 1)  # fair share: fewer outstanding, sooner
     state.add_waiting(model, token.name, priority)
     try:
         grant = await service.capacity.acquire_grant(model, priority, bucket, queued_at + wait_s)
